@@ -1,14 +1,5 @@
-"""User-facing errors. Anything derived from `GlmcError` is bad input: the CLI prints its message
-on one paragraph of stderr and exits with code 2. Any other exception is an internal error (exit 1)."""
+"""Re-export of the user-facing error types (defined in `glmc.ir.errors`, the bottom layer)."""
 
+from glmc.ir.errors import CheckpointError, GlmcError, SpecError
 
-class GlmcError(Exception):
-    """Bad input from the user: a spec, a file, a checkpoint, a flag."""
-
-
-class SpecError(GlmcError):
-    """An invalid or unreadable model spec; the message names the field(s)."""
-
-
-class CheckpointError(GlmcError):
-    """A checkpoint that does not match its spec; the message names the tensor or file."""
+__all__ = ["CheckpointError", "GlmcError", "SpecError"]

@@ -4,6 +4,7 @@ Standard library only: no torch, no pydantic (a layering test enforces this)."""
 
 from .analysis import ParamCounts, count_params, flops_per_token, kv_cache_bytes_per_token, summary, weight_bytes
 from .dtypes import DType
+from .errors import CheckpointError, GlmcError, SpecError
 from .graph import Graph, Node, Param, ParamRole, make_attrs
 from .ops import Op
 from .printer import format_graph, format_node
@@ -11,7 +12,10 @@ from .rewrite import rewrite
 from .verify import VerifyError, verify
 
 __all__ = [
+    "CheckpointError",
     "DType",
+    "GlmcError",
+    "SpecError",
     "Graph",
     "Node",
     "Op",
