@@ -57,6 +57,7 @@ class _Lowering:
                 num_mtp_layers=s.num_mtp_layers,
                 max_position_embeddings=s.max_position_embeddings,
                 tie_word_embeddings=s.tie_word_embeddings,
+                initializer_range=s.initializer_range,
             ),
         )
 

@@ -1,0 +1,5 @@
+"""The torch target: IR graph -> a plain, trainable `torch.nn.Module`."""
+
+from .model import GLMForCausalLM, build_model
+
+__all__ = ["GLMForCausalLM", "build_model"]

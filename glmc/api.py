@@ -1,0 +1,247 @@
+"""The Python API: resolve a spec, inspect it, build artifacts, load and save checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glmc import presets
+from glmc.errors import CheckpointError, GlmcError, SpecError
+from glmc.ir import Graph, format_graph, summary
+from glmc.lower import lower
+from glmc.spec import ModelSpec
+
+GLMC_SPEC_FILE = "glmc_spec.json"  # marks a folder written by glmc; holds the ModelSpec
+TARGETS = ("torch", "hf")
+
+
+def resolve_spec(spec: ModelSpec | str | Path | dict[str, Any]) -> ModelSpec:
+    """A ModelSpec from a spec object, a dict, a preset name, a YAML/JSON spec file, a Hugging
+    Face config.json, or a checkpoint folder (glmc's or Hugging Face's)."""
+    if isinstance(spec, ModelSpec):
+        return spec
+    if isinstance(spec, dict):
+        return ModelSpec.from_hf_config(spec) if "model_type" in spec else ModelSpec.from_dict(spec)
+    text = str(spec)
+    if text in presets.names():
+        return presets.get(text)
+    p = Path(text)
+    if p.is_dir():
+        if (p / GLMC_SPEC_FILE).is_file():
+            return ModelSpec.from_file(p / GLMC_SPEC_FILE)
+        if (p / "config.json").is_file():
+            return ModelSpec.from_hf_config(p)
+        raise SpecError(f"{p}: folder has neither {GLMC_SPEC_FILE} nor config.json")
+    if p.is_file():
+        return ModelSpec.from_file(p)
+    raise SpecError(f"{text!r} is not a preset ({', '.join(presets.names())}), a spec file or a checkpoint folder")
+
+
+def inspect(spec: ModelSpec | str | Path | dict[str, Any], pipeline: str | None = None, seq_len: int = 4096) -> dict[str, Any]:
+    """What `glmc inspect --json` prints: parameter counts, FLOPs and KV-cache bytes per token."""
+    s = resolve_spec(spec)
+    g = compile_graph(s, pipeline)
+    info = summary(g, seq_len=seq_len)
+    return {"name": s.name, "pipeline": pipeline or "", "spec": s.model_dump(mode="json"), **info}
+
+
+def compile_graph(spec: ModelSpec, pipeline: str | None = None, dtype: str = "bf16") -> Graph:
+    g = lower(spec, dtype=dtype)
+    if pipeline:
+        from glmc.pipeline import run_pipeline
+
+        g = run_pipeline(g, pipeline)
+    return g
+
+
+# ---- torch models ---------------------------------------------------------------------------
+
+
+def build_torch(spec: ModelSpec, dtype: torch.dtype = torch.float32, seed: int | None = 0) -> torch.nn.Module:
+    """A randomly initialised torch model of `spec` (transformers' init, deterministic per seed)."""
+    from glmc.export.torch import build_model
+
+    model = build_model(lower(spec), dtype=dtype)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    model.init_weights(spec.initializer_range, generator=gen)
+    model.spec = spec  # type: ignore[assignment]
+    return model
+
+
+def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load a Hugging Face layout folder (single or sharded safetensors, per-expert names, MTP
+    at layer index num_hidden_layers) or a folder written by glmc; `model.spec` is its spec."""
+    from glmc.export.hf import from_hf, open_checkpoint
+    from glmc.export.torch import build_model
+
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {p}")
+    if (p / GLMC_SPEC_FILE).is_file():
+        return load_torch_artifact(p, dtype=dtype)
+    spec = resolve_spec(p)
+    graph = lower(spec)
+    reader = open_checkpoint(p)
+    state = from_hf(graph, reader, dtype=dtype)
+    with torch.device("meta"):
+        model = build_model(graph, dtype=dtype, device="meta")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.spec = spec  # type: ignore[assignment]
+    return model.eval()
+
+
+def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write `model` in the Hugging Face layout (config.json, safetensors shards, index), with
+    per-expert tensor names and the MTP layer at index num_hidden_layers. Atomic: the folder
+    appears complete or not at all."""
+    spec: ModelSpec | None = getattr(model, "spec", None)
+    if spec is None:
+        raise GlmcError("save_pretrained needs a glmc model (one with a .spec), e.g. from glmc.from_pretrained")
+    graph = lower(spec)
+    with atomic_folder(Path(path)) as tmp:
+        write_hf_folder(spec, graph, model.state_dict(), tmp, max_shard_bytes)
+    return Path(path)
+
+
+def write_hf_folder(
+    spec: ModelSpec, graph: Graph, state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int = 5 * 2**30
+) -> None:
+    from glmc.export.hf import to_hf, write_checkpoint
+
+    write_checkpoint(to_hf(graph, state), out, max_shard_bytes=max_shard_bytes)
+    cfg = spec.to_hf_config()
+    cfg["torch_dtype"] = _dtype_name(next(iter(state.values())).dtype)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+# ---- build ----------------------------------------------------------------------------------
+
+
+def build(
+    spec: ModelSpec | str | Path | dict[str, Any],
+    out: str | Path,
+    pipeline: str | None = None,
+    weights: str | Path | None = None,
+    emit: Sequence[str] = TARGETS,
+    seed: int = 0,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Compile `spec` and write one subfolder per target into `out`, plus `build.json`.
+
+    Without `weights` the model is randomly initialised (deterministic per `seed`); with a
+    Hugging Face checkpoint folder its weights are loaded and checked against the spec."""
+    say = progress or (lambda _msg: None)
+    unknown = [t for t in emit if t not in TARGETS]
+    if unknown:
+        raise GlmcError(f"unknown target(s) {', '.join(unknown)} in --emit; known targets: {', '.join(TARGETS)}")
+    if not emit:
+        raise GlmcError("--emit names no target")
+    s = resolve_spec(spec)
+    out = Path(out)
+    if out.exists() and not force and any(out.iterdir()):
+        raise GlmcError(f"output folder {out} exists and is not empty; pass --force to replace it")
+    say(f"lowering {s.name}")
+    graph = compile_graph(s, pipeline)
+    if weights is not None:
+        say(f"loading weights from {weights}")
+        model = from_pretrained(weights)
+        loaded: ModelSpec = model.spec  # type: ignore[assignment]
+        if loaded.model_dump(exclude={"name"}) != s.model_dump(exclude={"name"}):
+            raise CheckpointError(f"--weights {weights}: its config.json describes a different model than {s.name}")
+    else:
+        say("initialising random weights")
+        model = build_torch(s, seed=seed)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    manifest: dict[str, Any] = {
+        "glmc_version": _version(),
+        "spec": s.model_dump(mode="json"),
+        "pipeline": pipeline or "",
+        "weights": str(weights) if weights else f"random(seed={seed})",
+        "targets": list(emit),
+        "summary": summary(graph),
+    }
+    with atomic_folder(out, replace=force) as tmp:
+        (tmp / "graph.txt").write_text(format_graph(graph))
+        for target in emit:
+            say(f"emitting {target}")
+            _EMITTERS[target](s, graph, state, tmp / target)
+        (tmp / "build.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _emit_torch(spec: ModelSpec, graph: Graph, state: dict[str, torch.Tensor], out: Path) -> None:
+    """glmc's own layout: stacked experts under the torch module's names, plus the spec."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / GLMC_SPEC_FILE).write_text(json.dumps(spec.model_dump(mode="json"), indent=2) + "\n")
+    (out / "graph.txt").write_text(format_graph(graph))
+
+
+def _emit_hf(spec: ModelSpec, graph: Graph, state: dict[str, torch.Tensor], out: Path) -> None:
+    out.mkdir(parents=True)
+    write_hf_folder(spec, graph, state, out)
+
+
+_EMITTERS: dict[str, Callable[[ModelSpec, Graph, dict[str, torch.Tensor], Path], None]] = {
+    "torch": _emit_torch,
+    "hf": _emit_hf,
+}
+
+
+def load_torch_artifact(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load the folder the torch target wrote (`glmc build ... --emit torch`)."""
+    from safetensors.torch import load_file
+
+    from glmc.export.torch import build_model
+
+    p = Path(path)
+    spec = ModelSpec.from_file(p / GLMC_SPEC_FILE)
+    model = build_model(lower(spec), dtype=dtype)
+    f = p / "model.safetensors"
+    if not f.is_file():
+        raise CheckpointError(f"{p}: torch artifact has no model.safetensors")
+    state = load_file(str(f))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{f}: does not match {GLMC_SPEC_FILE}: {e}") from None
+    model.spec = spec  # type: ignore[assignment]
+    return model.eval()
+
+
+@contextmanager
+def atomic_folder(dest: Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `dest`; on success it becomes `dest`, on failure it is removed."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            if not (replace or not any(dest.iterdir())):
+                raise GlmcError(f"output folder {dest} exists and is not empty")
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _version() -> str:
+    from glmc import __version__
+
+    return __version__
