@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,10 +43,14 @@ def resolve_spec(spec: ModelSpec | str | Path | dict[str, Any]) -> ModelSpec:
         raise SpecError(f"{p}: folder has neither {GLMC_SPEC_FILE} nor config.json")
     if p.is_file():
         return ModelSpec.from_file(p)
-    raise SpecError(f"{text!r} is not a preset ({', '.join(presets.names())}), a spec file or a checkpoint folder")
+    raise SpecError(
+        f"{text!r} is not a preset ({', '.join(presets.names())}), a spec file or a checkpoint folder"
+    )
 
 
-def inspect(spec: ModelSpec | str | Path | dict[str, Any], pipeline: str | None = None, seq_len: int = 4096) -> dict[str, Any]:
+def inspect(
+    spec: ModelSpec | str | Path | dict[str, Any], pipeline: str | None = None, seq_len: int = 4096
+) -> dict[str, Any]:
     """What `glmc inspect --json` prints: parameter counts, FLOPs and KV-cache bytes per token."""
     s = resolve_spec(spec)
     g = compile_graph(s, pipeline)
@@ -87,8 +93,17 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> tor
     if (p / GLMC_SPEC_FILE).is_file():
         return load_torch_artifact(p, dtype=dtype)
     spec = resolve_spec(p)
-    graph = lower(spec)
     reader = open_checkpoint(p)
+    mtp_prefix = f"model.layers.{spec.num_layers}."
+    if spec.num_mtp_layers and not any(k.startswith(mtp_prefix) for k in reader.keys()):
+        # transformers never saves MTP weights; such a checkpoint is the trunk alone.
+        warnings.warn(
+            f"{p}: config.json declares {spec.num_mtp_layers} MTP layer(s) but the checkpoint has no "
+            f"{mtp_prefix}* tensors; loading without MTP layers",
+            stacklevel=2,
+        )
+        spec = spec.model_copy(update={"num_mtp_layers": 0})
+    graph = lower(spec, dtype=_ir_dtype(dtype))
     state = from_hf(graph, reader, dtype=dtype)
     with torch.device("meta"):
         model = build_model(graph, dtype=dtype, device="meta")
@@ -103,10 +118,13 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_bytes: i
     appears complete or not at all."""
     spec: ModelSpec | None = getattr(model, "spec", None)
     if spec is None:
-        raise GlmcError("save_pretrained needs a glmc model (one with a .spec), e.g. from glmc.from_pretrained")
-    graph = lower(spec)
-    with atomic_folder(Path(path)) as tmp:
-        write_hf_folder(spec, graph, model.state_dict(), tmp, max_shard_bytes)
+        raise GlmcError(
+            "save_pretrained needs a glmc model (one with a .spec), e.g. from glmc.from_pretrained"
+        )
+    state = model.state_dict()
+    graph = lower(spec, dtype=_ir_dtype(next(iter(state.values())).dtype))
+    with atomic_folder(Path(path), replace=True) as tmp:
+        write_hf_folder(spec, graph, state, tmp, max_shard_bytes)
     return Path(path)
 
 
@@ -125,6 +143,19 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
+def _torch_dtype(name: str) -> torch.dtype:
+    dt = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "f32": torch.float32, "float32": torch.float32,
+          "fp32": torch.float32, "f16": torch.float16, "float16": torch.float16}.get(name)  # fmt: skip
+    if dt is None:
+        raise GlmcError(f"unsupported dtype {name!r}; use bf16, f16 or f32")
+    return dt
+
+
+def _ir_dtype(dt: torch.dtype) -> str:
+    """The IR dtype name of a torch floating dtype (the graph's storage dtype)."""
+    return _dtype_name(dt)
+
+
 # ---- build ----------------------------------------------------------------------------------
 
 
@@ -136,6 +167,7 @@ def build(
     emit: Sequence[str] = TARGETS,
     seed: int = 0,
     force: bool = False,
+    dtype: str = "bf16",
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Compile `spec` and write one subfolder per target into `out`, plus `build.json`.
@@ -145,24 +177,29 @@ def build(
     say = progress or (lambda _msg: None)
     unknown = [t for t in emit if t not in TARGETS]
     if unknown:
-        raise GlmcError(f"unknown target(s) {', '.join(unknown)} in --emit; known targets: {', '.join(TARGETS)}")
+        raise GlmcError(
+            f"unknown target(s) {', '.join(unknown)} in --emit; known targets: {', '.join(TARGETS)}"
+        )
     if not emit:
         raise GlmcError("--emit names no target")
     s = resolve_spec(spec)
     out = Path(out)
     if out.exists() and not force and any(out.iterdir()):
         raise GlmcError(f"output folder {out} exists and is not empty; pass --force to replace it")
+    torch_dtype = _torch_dtype(dtype)
     say(f"lowering {s.name}")
-    graph = compile_graph(s, pipeline)
+    graph = compile_graph(s, pipeline, dtype=_ir_dtype(torch_dtype))
     if weights is not None:
         say(f"loading weights from {weights}")
-        model = from_pretrained(weights)
+        model = from_pretrained(weights, dtype=torch_dtype)
         loaded: ModelSpec = model.spec  # type: ignore[assignment]
         if loaded.model_dump(exclude={"name"}) != s.model_dump(exclude={"name"}):
-            raise CheckpointError(f"--weights {weights}: its config.json describes a different model than {s.name}")
+            raise CheckpointError(
+                f"--weights {weights}: its config.json describes a different model than {s.name}"
+            )
     else:
         say("initialising random weights")
-        model = build_torch(s, seed=seed)
+        model = build_torch(s, dtype=torch_dtype, seed=seed)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     manifest: dict[str, Any] = {
         "glmc_version": _version(),
@@ -186,7 +223,11 @@ def _emit_torch(spec: ModelSpec, graph: Graph, state: dict[str, torch.Tensor], o
     from safetensors.torch import save_file
 
     out.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     (out / GLMC_SPEC_FILE).write_text(json.dumps(spec.model_dump(mode="json"), indent=2) + "\n")
     (out / "graph.txt").write_text(format_graph(graph))
 
@@ -231,6 +272,7 @@ def atomic_folder(dest: Path, replace: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
+        _publish_permissions(tmp)
         if dest.exists():
             if not (replace or not any(dest.iterdir())):
                 raise GlmcError(f"output folder {dest} exists and is not empty")
@@ -239,6 +281,15 @@ def atomic_folder(dest: Path, replace: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish_permissions(root: Path) -> None:
+    """mkdtemp and some writers create owner-only files; give the result the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for p in root.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _version() -> str:

@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("spec", nargs="?", default=presets.DEFAULT, help=SPEC_HELP)
     q.add_argument("--pipeline", help="passes to run first, e.g. 'fuse-moe,shard{ep=8}'")
     q.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
-    q.add_argument("--seq-len", type=int, default=4096, help="context length for attention FLOPs (default 4096)")
+    q.add_argument(
+        "--seq-len", type=int, default=4096, help="context length for attention FLOPs (default 4096)"
+    )
     q.add_argument("--ir", action="store_true", help="also print the IR graph")
 
     b = sub.add_parser("build", help="compile a spec and emit artifacts")
@@ -45,9 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--out", required=True, type=Path, help="output folder (written atomically)")
     b.add_argument("--pipeline", help="passes to run before emitting")
     b.add_argument("--weights", type=Path, help="Hugging Face checkpoint folder; random init when absent")
-    b.add_argument("--emit", default="torch,hf", help="comma-separated targets: torch, hf (default: torch,hf)")
+    b.add_argument(
+        "--emit", default="torch,hf", help="comma-separated targets: torch, hf (default: torch,hf)"
+    )
     b.add_argument("--seed", type=int, default=0, help="seed for random init (default 0)")
     b.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    b.add_argument(
+        "--dtype", default="bf16", help="weight dtype of the artifacts: bf16, f16 or f32 (default bf16)"
+    )
 
     s = sub.add_parser("schema", help="print the JSON schema of the model spec")
     s.add_argument("-o", "--out", type=Path, help="write to this file instead of stdout")
@@ -131,6 +138,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             emit=emit,
             seed=args.seed,
             force=args.force,
+            dtype=args.dtype,
             progress=lambda msg: status.update(msg),
         )
     p = manifest["summary"]["params"]

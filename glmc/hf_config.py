@@ -70,7 +70,9 @@ def spec_from_hf_config(config: str | Path | dict[str, Any], source: str | None 
     where = source or where
     model_type = data.get("model_type")
     if model_type != HF_MODEL_TYPE:
-        raise SpecError(f"{where}: model_type is {model_type!r}; glmc reads Hugging Face configs of model_type 'glm4_moe'")
+        raise SpecError(
+            f"{where}: model_type is {model_type!r}; glmc reads Hugging Face configs of model_type 'glm4_moe'"
+        )
 
     def get(key: str) -> Any:
         return data[key] if key in data and data[key] is not None else _HF_DEFAULTS.get(key)

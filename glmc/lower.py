@@ -69,24 +69,34 @@ class _Lowering:
             Node(name, Op.EMBED, (x,), (w,), make_attrs(vocab=self.spec.vocab_size, dim=self.h, layer=layer))
         )
 
-    def head(self, name: str, x: str, tied_to: str | None, layer: int | None, in_checkpoint: bool = True) -> str:
+    def head(
+        self, name: str, x: str, tied_to: str | None, layer: int | None, in_checkpoint: bool = True
+    ) -> str:
         w = Param("weight", (self.spec.vocab_size, self.h), self.dt, ParamRole.OUTPUT, tied_to=tied_to)
         if not in_checkpoint:
             w = w.with_attrs(checkpoint=False)
         return self.add(
-            Node(name, Op.LM_HEAD, (x,), (w,), make_attrs(vocab=self.spec.vocab_size, dim=self.h, layer=layer))
+            Node(
+                name, Op.LM_HEAD, (x,), (w,), make_attrs(vocab=self.spec.vocab_size, dim=self.h, layer=layer)
+            )
         )
 
     def norm(self, name: str, x: str, dim: int, layer: int | None) -> str:
         w = self.p("weight", (dim,), ParamRole.NORM)
-        return self.add(Node(name, Op.RMSNORM, (x,), (w,), make_attrs(dim=dim, eps=self.spec.norm_eps, layer=layer)))
+        return self.add(
+            Node(name, Op.RMSNORM, (x,), (w,), make_attrs(dim=dim, eps=self.spec.norm_eps, layer=layer))
+        )
 
     def block(self, name: str, x: str, layer: int, moe: bool) -> str:
         n = self.norm(f"{name}.input_layernorm", x, self.h, layer)
         a = self.attention(f"{name}.self_attn", n, layer)
         x = self.add(Node(f"{name}.attn_residual", Op.ADD, (x, a), attrs=make_attrs(layer=layer)))
         n = self.norm(f"{name}.post_attention_layernorm", x, self.h, layer)
-        f = self.moe(f"{name}.mlp", n, layer) if moe else self.mlp(f"{name}.mlp", n, self.spec.mlp.intermediate_size, layer)
+        f = (
+            self.moe(f"{name}.mlp", n, layer)
+            if moe
+            else self.mlp(f"{name}.mlp", n, self.spec.mlp.intermediate_size, layer)
+        )
         return self.add(Node(name, Op.ADD, (x, f), attrs=make_attrs(layer=layer)))
 
     def attention(self, name: str, x: str, layer: int) -> str:
@@ -103,7 +113,10 @@ class _Lowering:
             params.append(self.p("v_proj.bias", (nkv * d,), ParamRole.BIAS))
         params.append(self.p("o_proj.weight", (h, nh * d), ParamRole.WEIGHT))
         if att.qk_norm:
-            params += [self.p("q_norm.weight", (d,), ParamRole.NORM), self.p("k_norm.weight", (d,), ParamRole.NORM)]
+            params += [
+                self.p("q_norm.weight", (d,), ParamRole.NORM),
+                self.p("k_norm.weight", (d,), ParamRole.NORM),
+            ]
         scaling = att.rope.scaling
         attrs = make_attrs(
             hidden=h,
@@ -126,7 +139,9 @@ class _Lowering:
             self.p("up_proj.weight", (inter, self.h), ParamRole.WEIGHT),
             self.p("down_proj.weight", (self.h, inter), ParamRole.WEIGHT),
         )
-        attrs = make_attrs(hidden=self.h, intermediate_size=inter, activation=self.spec.mlp.activation, layer=layer)
+        attrs = make_attrs(
+            hidden=self.h, intermediate_size=inter, activation=self.spec.mlp.activation, layer=layer
+        )
         return self.add(Node(name, Op.MLP, (x,), params, attrs))
 
     def moe(self, name: str, x: str, layer: int) -> str:
@@ -187,7 +202,11 @@ class _Lowering:
         s = self.spec
         name, layer = f"model.mtp.{k}", s.num_layers + k
         ids = self.add(
-            Node(f"{name}.input_ids", Op.INPUT, attrs=make_attrs(name=f"mtp_input_ids.{k}", shift=k + 1, layer=layer))
+            Node(
+                f"{name}.input_ids",
+                Op.INPUT,
+                attrs=make_attrs(name=f"mtp_input_ids.{k}", shift=k + 1, layer=layer),
+            )
         )
         e = self.embed(f"{name}.embed_tokens", ids, tied_to="model.embed_tokens.weight", layer=layer)
         e = self.norm(f"{name}.enorm", e, self.h, layer)

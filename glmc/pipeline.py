@@ -57,7 +57,9 @@ def _convert(pass_name: str, field: dataclasses.Field[Any], value: str) -> Any:
                 raise ValueError(value)
             return value.lower() in ("true", "1")
     except ValueError:
-        raise PipelineError(f"pass {pass_name}: argument {field.name}={value!r} is not a valid {kind}") from None
+        raise PipelineError(
+            f"pass {pass_name}: argument {field.name}={value!r} is not a valid {kind}"
+        ) from None
     return value
 
 
@@ -73,7 +75,9 @@ def build(text: str) -> list[Pass]:
         kwargs = {}
         for key, value in call.args:
             if key not in fields:
-                raise PipelineError(f"pass {call.name} has no argument {key!r}; it takes: {', '.join(fields) or 'none'}")
+                raise PipelineError(
+                    f"pass {call.name} has no argument {key!r}; it takes: {', '.join(fields) or 'none'}"
+                )
             kwargs[key] = _convert(call.name, fields[key], value)
         try:
             passes.append(cls(**kwargs))

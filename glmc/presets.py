@@ -34,7 +34,13 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "hidden_size": 4096,
         "num_layers": 46,
         "num_dense_layers": 1,
-        "attention": {"num_heads": 96, "num_kv_heads": 8, "head_dim": 128, "qk_norm": False, "qkv_bias": True},
+        "attention": {
+            "num_heads": 96,
+            "num_kv_heads": 8,
+            "head_dim": 128,
+            "qk_norm": False,
+            "qkv_bias": True,
+        },
         "mlp": {"intermediate_size": 10944},
         "moe": {
             "num_experts": 128,

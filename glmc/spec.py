@@ -45,7 +45,9 @@ class AttentionSpec(_Frozen):
     num_kv_heads: int = Field(gt=0, description="Key/value heads (num_key_value_heads), for GQA.")
     head_dim: int = Field(gt=0, description="Per-head dimension; explicit, may differ from hidden/heads.")
     qk_norm: bool = Field(False, description="Per-head RMSNorm on q and k before RoPE (use_qk_norm).")
-    qkv_bias: bool = Field(True, description="Bias on q, k and v projections (attention_bias); o_proj never has one.")
+    qkv_bias: bool = Field(
+        True, description="Bias on q, k and v projections (attention_bias); o_proj never has one."
+    )
     rope: RopeSpec = Field(default_factory=RopeSpec, description="Rotary position embedding.")
 
     @model_validator(mode="after")
@@ -68,23 +70,30 @@ class MLPSpec(_Frozen):
     """The dense SwiGLU feed-forward used by the first `num_dense_layers` layers."""
 
     intermediate_size: int = Field(gt=0, description="Dense FFN width (intermediate_size).")
-    activation: Literal["silu"] = Field("silu", description="Gate activation (hidden_act); GLM-4.5 uses SiLU.")
+    activation: Literal["silu"] = Field(
+        "silu", description="Gate activation (hidden_act); GLM-4.5 uses SiLU."
+    )
 
 
 class MoESpec(_Frozen):
     """Routed experts plus always-on shared experts, with GLM-4.5's sigmoid top-k router."""
 
     num_experts: int = Field(gt=0, description="Routed experts per MoE layer (n_routed_experts).")
-    num_shared_experts: int = Field(1, ge=0, description="Shared experts, concatenated into one MLP (n_shared_experts).")
+    num_shared_experts: int = Field(
+        1, ge=0, description="Shared experts, concatenated into one MLP (n_shared_experts)."
+    )
     top_k: int = Field(gt=0, description="Routed experts chosen per token (num_experts_per_tok).")
     intermediate_size: int = Field(gt=0, description="Width of each expert's SwiGLU (moe_intermediate_size).")
     scoring: Literal["sigmoid"] = Field("sigmoid", description="Router score function; GLM-4.5 uses sigmoid.")
     correction_bias: bool = Field(
-        True, description="Loss-free-balance bias added to scores for expert selection only (e_score_correction_bias)."
+        True,
+        description="Loss-free-balance bias added to scores for expert selection only (e_score_correction_bias).",
     )
     n_group: int = Field(1, gt=0, description="Expert groups for group-limited routing.")
     topk_group: int = Field(1, gt=0, description="Groups kept per token in group-limited routing.")
-    norm_topk_prob: bool = Field(True, description="Renormalise the chosen experts' (unbiased) scores to sum to 1.")
+    norm_topk_prob: bool = Field(
+        True, description="Renormalise the chosen experts' (unbiased) scores to sum to 1."
+    )
     routed_scaling_factor: float = Field(1.0, gt=0, description="Scale on the routed sum (2.5 for GLM-4.5).")
 
     @model_validator(mode="after")
@@ -96,7 +105,9 @@ class MoESpec(_Frozen):
                 f"moe.num_experts ({self.num_experts}) must be divisible by moe.n_group ({self.n_group})"
             )
         if self.topk_group > self.n_group:
-            raise ValueError(f"moe.topk_group ({self.topk_group}) must not exceed moe.n_group ({self.n_group})")
+            raise ValueError(
+                f"moe.topk_group ({self.topk_group}) must not exceed moe.n_group ({self.n_group})"
+            )
         per_group = self.num_experts // self.n_group
         if self.n_group > 1 and per_group < 2:
             raise ValueError(
@@ -125,13 +136,17 @@ class ModelSpec(_Frozen):
     name: str = Field("custom", description="A label for reports and artifacts.")
     vocab_size: int = Field(gt=0, description="Embedding rows (vocab_size, padded).")
     hidden_size: int = Field(gt=0, description="Residual stream width (hidden_size).")
-    num_layers: int = Field(gt=0, description="Transformer layers in the trunk (num_hidden_layers), MTP excluded.")
+    num_layers: int = Field(
+        gt=0, description="Transformer layers in the trunk (num_hidden_layers), MTP excluded."
+    )
     num_dense_layers: int = Field(
         ge=0, description="Leading layers with a dense MLP instead of MoE (first_k_dense_replace)."
     )
     attention: AttentionSpec = Field(description="Attention block.")
     mlp: MLPSpec = Field(description="Dense MLP of the first num_dense_layers layers.")
-    moe: MoESpec | None = Field(None, description="MoE block of the remaining layers; null for a dense model.")
+    moe: MoESpec | None = Field(
+        None, description="MoE block of the remaining layers; null for a dense model."
+    )
     num_mtp_layers: int = Field(
         0, ge=0, description="Multi-token-prediction layers after the trunk (num_nextn_predict_layers)."
     )
@@ -153,13 +168,20 @@ class ModelSpec(_Frozen):
                 "are dense; give a moe block or make every layer dense"
             )
         if self.moe is None and self.num_mtp_layers:
-            raise ValueError("num_mtp_layers > 0 needs a moe block: GLM-4.5's MTP layer is always an MoE layer")
-        for name, tok in (("pad_token_id", self.tokens.pad_token_id), ("bos_token_id", self.tokens.bos_token_id)):
+            raise ValueError(
+                "num_mtp_layers > 0 needs a moe block: GLM-4.5's MTP layer is always an MoE layer"
+            )
+        for name, tok in (
+            ("pad_token_id", self.tokens.pad_token_id),
+            ("bos_token_id", self.tokens.bos_token_id),
+        ):
             if tok is not None and tok >= self.vocab_size:
                 raise ValueError(f"tokens.{name} ({tok}) must be below vocab_size ({self.vocab_size})")
         for tok in self.tokens.eos_token_id or []:
             if not 0 <= tok < self.vocab_size:
-                raise ValueError(f"tokens.eos_token_id entry {tok} must be in [0, vocab_size={self.vocab_size})")
+                raise ValueError(
+                    f"tokens.eos_token_id entry {tok} must be in [0, vocab_size={self.vocab_size})"
+                )
         return self
 
     # ---- loading ------------------------------------------------------------------------------

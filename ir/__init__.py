@@ -2,7 +2,14 @@
 
 Standard library only: no torch, no pydantic (a layering test enforces this)."""
 
-from .analysis import ParamCounts, count_params, flops_per_token, kv_cache_bytes_per_token, summary, weight_bytes
+from .analysis import (
+    ParamCounts,
+    count_params,
+    flops_per_token,
+    kv_cache_bytes_per_token,
+    summary,
+    weight_bytes,
+)
 from .dtypes import DType
 from .errors import CheckpointError, GlmcError, SpecError
 from .graph import Graph, Node, Param, ParamRole, make_attrs
@@ -15,13 +22,13 @@ __all__ = [
     "CheckpointError",
     "DType",
     "GlmcError",
-    "SpecError",
     "Graph",
     "Node",
     "Op",
     "Param",
     "ParamCounts",
     "ParamRole",
+    "SpecError",
     "VerifyError",
     "count_params",
     "flops_per_token",

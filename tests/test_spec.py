@@ -22,7 +22,11 @@ def test_glm45_preset_matches_reference_config():
     assert (s.hidden_size, s.num_layers, s.num_dense_layers) == (5120, 92, 3)
     assert (s.attention.num_heads, s.attention.num_kv_heads, s.attention.head_dim) == (96, 8, 128)
     assert s.attention.qk_norm and s.attention.qkv_bias
-    assert s.moe is not None and (s.moe.num_experts, s.moe.top_k, s.moe.routed_scaling_factor) == (160, 8, 2.5)
+    assert s.moe is not None and (s.moe.num_experts, s.moe.top_k, s.moe.routed_scaling_factor) == (
+        160,
+        8,
+        2.5,
+    )
     air = presets.get("glm-4.5-air")
     assert not air.attention.qk_norm and air.moe is not None and air.moe.routed_scaling_factor == 1.0
 
@@ -113,7 +117,9 @@ def test_transformers_reads_written_config_identically():
     assert c.head_dim == 128 and c.n_routed_experts == 160 and c.routed_scaling_factor == 2.5
     assert c.num_mtp_layers == 1 and c.use_qk_norm and c.first_k_dense_replace == 3
     # and back: transformers' own serialisation reads as the same spec
-    assert ModelSpec.from_hf_config(c.to_dict()).model_dump(exclude={"name"}) == s.model_dump(exclude={"name"})
+    assert ModelSpec.from_hf_config(c.to_dict()).model_dump(exclude={"name"}) == s.model_dump(
+        exclude={"name"}
+    )
 
 
 def test_hf_config_rejects_other_models():

@@ -10,12 +10,13 @@ Module paths equal the IR node names (and transformers' in-memory names), so
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from glmc.ir import Graph, GlmcError, Node, Op
+from glmc.ir import GlmcError, Graph, Node, Op
 
 from .moe import moe_experts, route
 
@@ -34,9 +35,13 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_cos_sin(positions: Tensor, rotary_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def rope_cos_sin(
+    positions: Tensor, rotary_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """cos/sin [B, S, r] for NeoX rotate-half RoPE over the first r dims of each head."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32) / rotary_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32) / rotary_dim)
+    )
     freqs = positions.float()[..., None] * inv_freq  # [B, S, r/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -55,10 +60,17 @@ def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Attention(nn.Module):
     def __init__(self, n: Node) -> None:
         super().__init__()
-        h, self.nh, self.nkv, self.d = n.attr("hidden"), n.attr("num_heads"), n.attr("num_kv_heads"), n.attr("head_dim")
+        h, self.nh, self.nkv, self.d = (
+            n.attr("hidden"),
+            n.attr("num_heads"),
+            n.attr("num_kv_heads"),
+            n.attr("head_dim"),
+        )
         self.rotary_dim, self.theta = n.attr("rotary_dim"), n.attr("rope_theta")
         if n.attr("rope_scaling", None) is not None:
-            raise GlmcError(f"{n.name}: rope_scaling {n.attr('rope_scaling')} is not supported by the torch target yet")
+            raise GlmcError(
+                f"{n.name}: rope_scaling {n.attr('rope_scaling')} is not supported by the torch target yet"
+            )
         bias = n.attr("qkv_bias")
         self.q_proj = nn.Linear(h, self.nh * self.d, bias=bias)
         self.k_proj = nn.Linear(h, self.nkv * self.d, bias=bias)
@@ -79,7 +91,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, S, d]
         cos, sin = rope_cos_sin(positions, self.rotary_dim, self.theta, q.dtype)
         q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(self.d), enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=1.0 / math.sqrt(self.d), enable_gqa=True
+        )
         return self.o_proj(o.transpose(1, 2).reshape(B, S, self.nh * self.d))
 
 
@@ -257,7 +271,7 @@ class GLMForCausalLM(nn.Module):
         h = self.hidden(input_ids, positions)
         logits = self.head(h)
         mtp_logits = []
-        for k, layer in enumerate(self.model.mtp):
+        for k, layer in enumerate(cast("list[MTPLayer]", self.model.mtp)):
             # Position t combines h_t with the embedding of token t+1 (HF uses positions t+1;
             # RoPE only sees differences, so any constant offset gives the same result).
             emb = self.model.embed_tokens(input_ids[:, k + 1 :])
@@ -299,7 +313,9 @@ def _check_supported(g: Graph) -> None:
                 )
 
 
-def build_model(g: Graph, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> GLMForCausalLM:
+def build_model(
+    g: Graph, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> GLMForCausalLM:
     """Instantiate the module tree of `g` (uninitialised weights on `device`, in `dtype`)."""
     with torch.device(device):
         model = GLMForCausalLM(g)

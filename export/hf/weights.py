@@ -1,0 +1,210 @@
+"""Streaming weight transforms between glmc's in-memory state dict and the Hugging Face layout.
+
+`to_hf` and `from_hf` are inverses: `from_hf(g, dict(to_hf(g, state)))` returns `state` bit for
+bit when `state` is in the graph's dtypes. Names and shapes come from `names.hf_tensors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from glmc.ir import CheckpointError, DType, Graph, ParamRole
+
+from .names import SAFETENSORS_DTYPES, HFTensor, Part, hf_tensors
+
+TORCH_DTYPES: dict[DType, torch.dtype] = {
+    DType.F64: torch.float64,
+    DType.F32: torch.float32,
+    DType.BF16: torch.bfloat16,
+    DType.F16: torch.float16,
+    DType.F8E4M3: torch.float8_e4m3fn,
+    DType.F8E5M2: torch.float8_e5m2,
+    DType.I64: torch.int64,
+    DType.I32: torch.int32,
+}
+_ST_FROM_TORCH = {t: SAFETENSORS_DTYPES[d] for d, t in TORCH_DTYPES.items()}
+# Dtypes that convert into one another by a plain cast; anything else (FP8 needs its scales,
+# integers are not weights) must match the graph exactly.
+_CASTABLE = {"F64", "F32", "BF16", "F16"}
+
+
+class TensorReader(Protocol):
+    """What `from_hf` reads: a name -> tensor mapping (a dict, or a `SafetensorsCheckpoint`)."""
+
+    def keys(self) -> Iterable[str]: ...
+
+    def __getitem__(self, name: str, /) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class LocatedReader(Protocol):
+    """A reader that knows its files and tensor metadata without loading data."""
+
+    def describe(self) -> str: ...
+
+    def file_of(self, name: str) -> str: ...
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], str]: ...
+
+
+def to_hf(graph: Graph, state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield `(checkpoint name, tensor)` in graph order, each contiguous and in the graph's dtype.
+
+    Experts come out as views into the stacked tensors when no cast is needed; the MTP
+    embed/head copies are real copies, so no two yielded tensors share memory."""
+    for t in hf_tensors(graph):
+        yield t.name, _export(t, state)
+
+
+def from_hf(graph: Graph, reader: TensorReader, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read a Hugging Face layout into glmc's state dict (keys: IR parameter full names).
+
+    Weights are cast to `dtype` (default: each parameter's IR dtype); the router correction
+    bias, and any parameter the graph keeps in a dtype other than the model dtype, keep their
+    IR dtype. Raises `CheckpointError` naming the tensor (and file) on a missing, unexpected,
+    wrong-shaped or wrong-typed tensor, before loading any data. The MTP embed/head copies may
+    be absent (GLM-4.6 ships none); they are checked but never read. With a plain dict as
+    `reader`, tensors already in the target dtype are returned as they are, not copied."""
+    plan = hf_tensors(graph)
+    src = _Source(reader)
+    _check_names(graph, plan, src)
+    _check_meta(plan, src)
+    model_dtype = DType.parse(str(graph.attr("dtype")))
+    state: dict[str, torch.Tensor] = {}
+    for t in plan:
+        if t.copy:
+            continue
+        target = _target_dtype(t, model_dtype, dtype)
+        if t.part is Part.WHOLE:
+            state[t.param] = src.load(t.name).to(target)
+            continue
+        if t.param not in state:
+            state[t.param] = torch.empty(t.param_shape, dtype=target)
+        _expert_slice(state[t.param], t).copy_(src.load(t.name))
+    return state
+
+
+# ---- to_hf helpers ------------------------------------------------------------------------------
+
+
+def _export(t: HFTensor, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    if t.param not in state:
+        raise KeyError(f"state dict has no {t.param!r}, needed for checkpoint tensor {t.name}")
+    w = state[t.param].detach()
+    if tuple(w.shape) != t.param_shape:
+        raise ValueError(
+            f"state dict tensor {t.param} has shape {_fmt(w.shape)}, expected {_fmt(t.param_shape)}"
+        )
+    w = _expert_slice(w, t)
+    dt = TORCH_DTYPES[t.dtype]
+    # Copies must not alias their source: safetensors refuses tensors that share memory.
+    return w.to(dtype=dt, memory_format=torch.contiguous_format, copy=t.copy)
+
+
+def _expert_slice(w: torch.Tensor, t: HFTensor) -> torch.Tensor:
+    """The checkpoint tensor's part of its (stacked) IR parameter, as a view."""
+    if t.part is Part.WHOLE:
+        return w
+    if t.part is Part.EXPERT_DOWN:
+        return w[t.expert]
+    inter = t.shape[0]  # gate_up_proj[e] is [gate; up], each [I, H]
+    return w[t.expert, :inter] if t.part is Part.EXPERT_GATE else w[t.expert, inter:]
+
+
+# ---- from_hf helpers ----------------------------------------------------------------------------
+
+
+class _Source:
+    """Uniform access to a plain mapping or a `LocatedReader` (file names, lazy metadata)."""
+
+    def __init__(self, reader: TensorReader) -> None:
+        self.reader = reader
+        self.located = reader if isinstance(reader, LocatedReader) else None
+
+    def describe(self) -> str:
+        return f"checkpoint {self.located.describe()}" if self.located else "the tensor mapping"
+
+    def where(self, name: str) -> str:
+        return self.located.file_of(name) if self.located else "the tensor mapping"
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], str]:
+        if self.located:
+            return self.located.meta(name)
+        w = self.reader[name]
+        return tuple(w.shape), _ST_FROM_TORCH.get(w.dtype, str(w.dtype))
+
+    def load(self, name: str) -> torch.Tensor:
+        return self.reader[name]
+
+
+def _check_names(graph: Graph, plan: list[HFTensor], src: _Source) -> None:
+    present = list(src.reader.keys())
+    present_set = set(present)
+    expected = {t.name for t in plan}
+    missing = [t.name for t in plan if not t.copy and t.name not in present_set]
+    unexpected = [n for n in present if n not in expected]
+    problems = []
+    if missing:
+        problems.append(f"is missing {len(missing)} tensor(s): {_some(missing)}")
+    if unexpected:
+        problems.append(f"has {len(unexpected)} unexpected tensor(s): {_some(unexpected)}")
+    if problems:
+        hint = _mtp_hint(graph, missing, unexpected)
+        raise CheckpointError(f"{src.describe()} " + "; and it ".join(problems) + hint)
+
+
+def _check_meta(plan: list[HFTensor], src: _Source) -> None:
+    present = set(src.reader.keys())
+    for t in plan:
+        if t.name not in present:
+            continue  # an absent MTP copy (GLM-4.6 ships none)
+        shape, dt = src.meta(t.name)
+        if shape != t.shape:
+            raise CheckpointError(
+                f"{t.name} has shape {_fmt(shape)} in {src.where(t.name)}, expected {_fmt(t.shape)}"
+            )
+        want = t.safetensors_dtype
+        if dt != want and not (dt in _CASTABLE and want in _CASTABLE):
+            raise CheckpointError(
+                f"{t.name} has dtype {dt} in {src.where(t.name)}, expected {want}"
+                + (
+                    " (an FP8 checkpoint needs its quantization recipe in the spec)"
+                    if dt.startswith("F8")
+                    else ""
+                )
+            )
+
+
+def _target_dtype(t: HFTensor, model_dtype: DType, requested: torch.dtype | None) -> torch.dtype:
+    # The router bias selects experts by small margins: always fp32, whatever the model dtype.
+    if requested is None or t.role is ParamRole.ROUTER_BIAS or t.dtype is not model_dtype:
+        return TORCH_DTYPES[t.dtype]
+    return requested
+
+
+def _mtp_hint(graph: Graph, missing: list[str], unexpected: list[str]) -> str:
+    n_layers, n_mtp = int(graph.attr("num_layers")), int(graph.attr("num_mtp_layers"))
+    if missing and all(_layer_of(n) >= n_layers for n in missing):
+        return f" (the spec has num_mtp_layers={n_mtp}; does the checkpoint have MTP layers?)"
+    if unexpected and all(_layer_of(n) >= n_layers for n in unexpected):
+        return f" (the spec has num_mtp_layers={n_mtp}; the checkpoint has more MTP layers)"
+    return ""
+
+
+def _layer_of(name: str) -> int:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        return int(parts[2])
+    return -1
+
+
+def _some(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+def _fmt(shape: Iterable[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
