@@ -95,7 +95,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> tor
     spec = resolve_spec(p)
     reader = open_checkpoint(p)
     mtp_prefix = f"model.layers.{spec.num_layers}."
-    if spec.num_mtp_layers and not any(k.startswith(mtp_prefix) for k in reader.keys()):
+    if spec.num_mtp_layers and not any(k.startswith(mtp_prefix) for k in reader):
         # transformers never saves MTP weights; such a checkpoint is the trunk alone.
         warnings.warn(
             f"{p}: config.json declares {spec.num_mtp_layers} MTP layer(s) but the checkpoint has no "

@@ -17,7 +17,7 @@ from typing import Any, TypeAlias
 from .dtypes import DType
 from .ops import Op
 
-AttrValue: TypeAlias = "int | float | bool | str | None | tuple[AttrValue, ...]"
+AttrValue: TypeAlias = "int | float | bool | str | tuple[AttrValue, ...] | None"
 Attrs: TypeAlias = tuple[tuple[str, Any], ...]
 
 _MISSING: Any = object()

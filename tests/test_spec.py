@@ -13,7 +13,7 @@ def test_presets_are_valid_and_named():
 
 
 def test_unknown_preset_lists_known_ones():
-    with pytest.raises(SpecError, match="glm-4.5-air"):
+    with pytest.raises(SpecError, match=r"glm-4\.5-air"):
         presets.get("glm-5")
 
 
