@@ -64,7 +64,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already reported by argparse
+        return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     try:
         if args.version:
             from glmc import __version__
