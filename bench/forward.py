@@ -55,7 +55,9 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             hf = transformers.Glm4MoeForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-    ids = torch.randint(0, spec.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, spec.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         diff = (ours(ids) - hf(ids).logits).abs().max().item()
 
@@ -91,15 +93,23 @@ def main() -> None:
 
     tokens = args.batch * args.seq
     print(f"# glmc vs transformers {transformers.__version__} Glm4MoeForCausalLM, torch {torch.__version__}")
-    print(f"# {platform.processor() or platform.machine()}, {args.threads} threads; preset {args.preset} "
-          f"({glmc.inspect(spec)['params']['total'] / 1e6:.1f}M params), batch {args.batch} x seq {args.seq}, fp32")
-    print(f"# experts_implementation (transformers): {getattr(hf.config, '_experts_implementation', 'default')}")
+    print(
+        f"# {platform.processor() or platform.machine()}, {args.threads} threads; preset {args.preset} "
+        f"({glmc.inspect(spec)['params']['total'] / 1e6:.1f}M params), batch {args.batch} x seq {args.seq}, fp32"
+    )
+    print(
+        f"# experts_implementation (transformers): {getattr(hf.config, '_experts_implementation', 'default')}"
+    )
     print(f"# max |logit diff| = {diff:.2e}; glmc compile (fwd+bwd, cold) {compile_s:.1f} s")
-    print("| pass | transformers ms | glmc eager ms | glmc compiled ms | eager speedup | compiled speedup | glmc compiled tok/s |")
+    print(
+        "| pass | transformers ms | glmc eager ms | glmc compiled ms | eager speedup | compiled speedup | glmc compiled tok/s |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for label, t_hf, t_eager, t_comp in rows:
-        print(f"| {label} | {t_hf * 1e3:.1f} | {t_eager * 1e3:.1f} | {t_comp * 1e3:.1f} | "
-              f"{t_hf / t_eager:.2f}x | {t_hf / t_comp:.2f}x | {tokens / t_comp:,.0f} |")
+        print(
+            f"| {label} | {t_hf * 1e3:.1f} | {t_eager * 1e3:.1f} | {t_comp * 1e3:.1f} | "
+            f"{t_hf / t_eager:.2f}x | {t_hf / t_comp:.2f}x | {tokens / t_comp:,.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -91,12 +91,16 @@ def _(x: Tensor, dy: Tensor, offs: Tensor) -> Tensor:
     return x.new_empty(offs.shape[0], x.shape[1], dy.shape[1])
 
 
-def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+def _setup_context(
+    ctx: torch.autograd.function.FunctionCtx, inputs: tuple[Tensor, ...], output: Tensor
+) -> None:
     x, w, offs = inputs
-    ctx.save_for_backward(x, w, offs)  # type: ignore[attr-defined]
+    ctx.save_for_backward(x, w, offs)
 
 
-def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+def _backward(
+    ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+) -> tuple[Tensor | None, Tensor | None, None]:
     x, w, offs = ctx.saved_tensors  # type: ignore[attr-defined]
     grad = grad.contiguous()  # _grouped_mm rejects stride-0 (expanded) gradients
     dx = grouped_mm(grad, w.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None  # type: ignore[attr-defined]
