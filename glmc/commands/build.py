@@ -1,0 +1,53 @@
+"""Compile a spec and emit artifacts."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from glmc.commands._common import EXIT_OK, add_spec_argument, human
+
+NAME = "build"
+HELP = "Compile a spec and emit artifacts"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_spec_argument(p)
+    p.add_argument("-o", "--out", required=True, type=Path, help="output folder (written atomically)")
+    p.add_argument("--pipeline", help="passes to run before emitting")
+    p.add_argument("--weights", type=Path, help="Hugging Face checkpoint folder; random init when absent")
+    p.add_argument(
+        "--emit", default="torch,hf", help="comma-separated targets: torch, hf (default: torch,hf)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for random init (default 0)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument(
+        "--dtype", default="bf16", help="weight dtype of the artifacts: bf16, f16 or f32 (default bf16)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from glmc.api import build
+
+    console = Console(stderr=True)
+    emit = [t.strip() for t in args.emit.split(",") if t.strip()]
+    with console.status("building") as status:
+        manifest = build(
+            args.spec,
+            args.out,
+            pipeline=args.pipeline,
+            weights=args.weights,
+            emit=emit,
+            seed=args.seed,
+            force=args.force,
+            dtype=args.dtype,
+            progress=lambda msg: status.update(msg),
+        )
+    p = manifest["summary"]["params"]
+    console.print(
+        f"[green]built[/] {manifest['spec']['name']} -> {args.out} "
+        f"(targets: {', '.join(manifest['targets'])}; {human(p['total'])} params, {human(p['active'])} active)"
+    )
+    return EXIT_OK
