@@ -123,3 +123,61 @@ def test_compiled_forward_backward_matches_eager_with_mtp():
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
     for n, p in m.named_parameters():
         torch.testing.assert_close(grads_c[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_kv_cache_decode_matches_full_forward_trunk_and_mtp():
+    m = build_torch(presets.get("glm-tiny"), seed=3).eval()
+    with torch.no_grad():
+        for b in m.buffers():
+            b.normal_(0, 0.1)
+    ids = torch.randint(0, 512, (2, 10))
+    pos = torch.arange(10).expand(2, 10)
+    with torch.no_grad():
+        full, (mtp_full,) = m.forward_with_mtp(ids)
+        past = m.empty_cache(2)
+        logits, hidden = [], []
+        for a, b in ((0, 6), (6, 7), (7, 8), (8, 10)):  # prefill, then decode steps
+            lg, h, past = m.forward_cached(ids[:, a:b], pos[:, a:b], past)
+            logits.append(lg)
+            hidden.append(h)
+        assert past[0][0].shape == (2, 2, 10, 32)
+        torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-5, atol=1e-5)
+        h = torch.cat(hidden, 1)
+        mtp_past = m.empty_cache(2, mtp=True)[0]
+        d1, _, mtp_past = m.mtp_cached(ids[:, 1:5], h[:, :4], pos[:, 1:5], mtp_past)
+        d2, _, mtp_past = m.mtp_cached(ids[:, 5:10], h[:, 4:9], pos[:, 5:10], mtp_past)
+        torch.testing.assert_close(torch.cat([d1, d2], 1), mtp_full, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_mask_hides_left_padding():
+    m = build_torch(presets.get("glm-tiny"), seed=4).eval()
+    ids = torch.randint(1, 512, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 6)], 1).long()
+    with torch.no_grad():
+        want, _, _ = m.forward_cached(ids, torch.arange(6)[None], m.empty_cache(1))
+        got, _, _ = m.forward_cached(padded, (torch.arange(9) - 3).clamp(min=0)[None], m.empty_cache(1), mask)
+    torch.testing.assert_close(got[:, 3:], want, rtol=1e-5, atol=1e-5)
+
+
+def test_router_counts_tokens_in_training_only():
+    m = build_torch(presets.get("glm-tiny"), seed=0)
+    ids = torch.randint(0, 512, (2, 8))
+    router = m.model.layers[1].mlp.gate
+    m.eval()
+    with torch.no_grad():
+        m(ids)
+    assert router.tokens_per_expert.sum() == 0
+    m.train()
+    m(ids)
+    assert router.tokens_per_expert.sum() == 2 * 8 * 2  # tokens x top_k
+    assert "tokens_per_expert" not in "".join(m.state_dict())
+
+
+def test_router_stats_for_balance_losses():
+    m = build_torch(presets.get("glm-tiny"), seed=0)
+    stats: list = []
+    m.forward_with_mtp(torch.randint(0, 512, (2, 8)), stats)
+    assert len(stats) == 3  # two MoE trunk layers and the MTP layer
+    scores, ids = stats[0]
+    assert scores.shape == (2, 8, 8) and ids.shape == (2, 8, 2) and scores.requires_grad

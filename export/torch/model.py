@@ -20,6 +20,8 @@ from glmc.ir import GlmcError, Graph, Node, Op
 
 from .moe import moe_experts, route
 
+KV = tuple[Tensor, Tensor]  # one layer's cache: k, v [B, nkv, P, d]
+
 
 class RMSNorm(nn.Module):
     """w * x / sqrt(mean(x^2) + eps); statistics in fp32, weight applied after casting back."""
@@ -76,25 +78,41 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.nkv * self.d, bias=bias)
         self.v_proj = nn.Linear(h, self.nkv * self.d, bias=bias)
         self.o_proj = nn.Linear(self.nh * self.d, h, bias=False)
+        self.scale = 1.0 / math.sqrt(self.d)
         self.qk_norm = n.attr("qk_norm")
         if self.qk_norm:
             self.q_norm = RMSNorm(self.d, n.attr("eps"))
             self.k_norm = RMSNorm(self.d, n.attr("eps"))
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+    def _qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, nh, S, d], k and v [B, nkv, S, d], RoPE applied."""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.nh, self.d)
         k = self.k_proj(x).view(B, S, self.nkv, self.d)
         v = self.v_proj(x).view(B, S, self.nkv, self.d)
         if self.qk_norm:  # per head, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, S, d]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = rope_cos_sin(positions, self.rotary_dim, self.theta, q.dtype)
-        q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
-        o = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=1.0 / math.sqrt(self.d), enable_gqa=True
-        )
+        return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin), v
+
+    def _out(self, o: Tensor) -> Tensor:
+        B, _, S, _ = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(B, S, self.nh * self.d))
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        q, k, v = self._qkv(x, positions)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+        return self._out(o)
+
+    def forward_cached(self, x: Tensor, positions: Tensor, past: KV, mask: Tensor) -> tuple[Tensor, KV]:
+        """Attend over `past` (k, v [B, nkv, P, d]) plus the new tokens; `mask` [B, 1, S, P+S]
+        is True where a query may attend. Returns the output and the grown cache (P+S)."""
+        q, k, v = self._qkv(x, positions)
+        k = torch.cat((past[0], k), dim=2)
+        v = torch.cat((past[1], v), dim=2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return self._out(o), (k, v)
 
 
 class MLP(nn.Module):
@@ -126,10 +144,14 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(e, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        # Tokens routed to each expert since the last reset, counted in training forwards only
+        # (loss-free balancing reads and zeroes it once per optimizer step). Not saved.
+        self.register_buffer("tokens_per_expert", torch.zeros(e, dtype=torch.float32), persistent=False)
+        self.count_tokens = True
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [T, H] -> (ids [T, k] int64, weights [T, k] fp32)."""
-        return route(
+        ids, weights = route(
             x,
             self.weight,
             self.e_score_correction_bias,
@@ -139,13 +161,24 @@ class Router(nn.Module):
             norm_topk_prob=self.norm_topk_prob,
             routed_scaling_factor=self.scale,
         )
+        # Activation-checkpoint recompute runs this forward again with grad enabled: a trainer
+        # that recomputes sets count_tokens = False there (or halves the counts).
+        if self.count_tokens and self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                ones = torch.ones_like(ids, dtype=torch.float32).flatten()
+                self.tokens_per_expert.index_add_(0, ids.flatten(), ones)
+        return ids, weights
+
+    def scores(self, x: Tensor) -> Tensor:
+        """Unbiased sigmoid scores [T, E] in fp32 (for the sequence-level balance loss)."""
+        return F.linear(x.float(), self.weight.float()).sigmoid()
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        # Keep the correction bias in fp32 through model.to(dtype), as every runtime does.
-        bias = self.e_score_correction_bias
+        # Keep the correction bias and the counts in fp32 through model.to(dtype), as every runtime does.
         out = super()._apply(fn, recurse)
-        if bias is not None and self.e_score_correction_bias is not None:
+        if self.e_score_correction_bias is not None:
             self.e_score_correction_bias = self.e_score_correction_bias.to(torch.float32)
+        self.tokens_per_expert = self.tokens_per_expert.to(torch.float32)
         return out
 
 
@@ -172,10 +205,13 @@ class MoE(nn.Module):
         shared = f"{name}.shared_experts"
         self.shared_experts = MLP(g.node(shared)) if g.has_node(shared) else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, stats: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        """x [B, S, H]. With `stats`, appends (scores [B, S, E], ids [B, S, k]) for balance losses."""
         shape = x.shape
         xt = x.reshape(-1, shape[-1])
         ids, weights = self.gate(xt)
+        if stats is not None:
+            stats.append((self.gate.scores(xt).view(*shape[:-1], -1), ids.view(*shape[:-1], -1)))
         out = self.experts(xt, ids, weights).view(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
@@ -190,10 +226,21 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = _norm(g.node(f"{name}.post_attention_layernorm"))
         mlp = f"{name}.mlp"
         self.mlp: nn.Module = MLP(g.node(mlp)) if g.node(mlp).op is Op.MLP else MoE(g, mlp)
+        self.is_moe = isinstance(self.mlp, MoE)
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, positions: Tensor, stats: list[tuple[Tensor, Tensor]] | None = None
+    ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self._ffn(self.post_attention_layernorm(x), stats)
+
+    def forward_cached(self, x: Tensor, positions: Tensor, past: KV, mask: Tensor) -> tuple[Tensor, KV]:
+        a, present = self.self_attn.forward_cached(self.input_layernorm(x), positions, past, mask)
+        x = x + a
+        return x + self._ffn(self.post_attention_layernorm(x), None), present
+
+    def _ffn(self, x: Tensor, stats: list[tuple[Tensor, Tensor]] | None) -> Tensor:
+        return self.mlp(x, stats) if self.is_moe else self.mlp(x)
 
 
 class SharedHead(nn.Module):
@@ -215,9 +262,19 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = nn.Linear(eh.attr("in_features"), eh.attr("out_features"), bias=False)
         self.shared_head = SharedHead(g, f"{name}.shared_head")
 
-    def forward_mtp(self, emb: Tensor, h: Tensor, positions: Tensor) -> Tensor:
-        u = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h)), dim=-1))
-        return self.shared_head.norm(super().forward(u, positions))
+    def fuse(self, emb: Tensor, h: Tensor) -> Tensor:
+        return self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h)), dim=-1))
+
+    def forward_mtp(
+        self, emb: Tensor, h: Tensor, positions: Tensor, stats: list[tuple[Tensor, Tensor]] | None = None
+    ) -> Tensor:
+        return self.shared_head.norm(super().forward(self.fuse(emb, h), positions, stats))
+
+    def forward_mtp_cached(
+        self, emb: Tensor, h: Tensor, positions: Tensor, past: KV, mask: Tensor
+    ) -> tuple[Tensor, KV]:
+        z, present = super().forward_cached(self.fuse(emb, h), positions, past, mask)
+        return self.shared_head.norm(z), present
 
 
 class GLMModel(nn.Module):
@@ -229,11 +286,23 @@ class GLMModel(nn.Module):
         self.norm = _norm(g.node("model.norm"))
         self.mtp = nn.ModuleList(MTPLayer(g, f"model.mtp.{k}") for k in range(g.attr("num_mtp_layers")))
 
-    def forward(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, positions: Tensor, stats: list[tuple[Tensor, Tensor]] | None = None
+    ) -> Tensor:
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, positions)
+            x = layer(x, positions, stats)
         return self.norm(x)
+
+    def forward_cached(
+        self, input_ids: Tensor, positions: Tensor, past: list[KV], mask: Tensor
+    ) -> tuple[Tensor, list[KV]]:
+        x = self.embed_tokens(input_ids)
+        presents = []
+        for layer, kv in zip(self.layers, past, strict=True):
+            x, present = layer.forward_cached(x, positions, kv, mask)
+            presents.append(present)
+        return self.norm(x), presents
 
 
 class GLMForCausalLM(nn.Module):
@@ -265,19 +334,62 @@ class GLMForCausalLM(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor | None = None) -> Tensor:
         return self.head(self.hidden(input_ids, positions))
 
-    def forward_with_mtp(self, input_ids: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Logits [B, S, V] and, per MTP layer k, logits [B, S-k-1, V] for tokens t + k + 2."""
+    def forward_with_mtp(
+        self, input_ids: Tensor, stats: list[tuple[Tensor, Tensor]] | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Logits [B, S, V] and, per MTP layer k, logits [B, S-k-1, V] for tokens t + k + 2.
+        With `stats`, each MoE layer appends (scores, ids) for balance losses, MTP included."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        h = self.hidden(input_ids, positions)
+        h = self.model(input_ids, positions, stats)
         logits = self.head(h)
         mtp_logits = []
         for k, layer in enumerate(cast("list[MTPLayer]", self.model.mtp)):
             # Position t combines h_t with the embedding of token t+1 (HF uses positions t+1;
             # RoPE only sees differences, so any constant offset gives the same result).
             emb = self.model.embed_tokens(input_ids[:, k + 1 :])
-            h = layer.forward_mtp(emb, h[:, : emb.shape[1]], positions[:, k + 1 :])
+            h = layer.forward_mtp(emb, h[:, : emb.shape[1]], positions[:, k + 1 :], stats)
             mtp_logits.append(self.head(h))
         return logits, mtp_logits
+
+    # ---- inference with a KV cache (functional: caches in, grown caches out) -------------------
+
+    def empty_cache(self, batch: int, mtp: bool = False) -> list[KV]:
+        """Zero-length caches for the trunk layers (or, with mtp=True, the MTP layers)."""
+        layers = self.model.mtp if mtp else self.model.layers
+        out = []
+        for layer in layers:
+            att = cast(DecoderLayer, layer).self_attn
+            w = att.k_proj.weight
+            empty = w.new_zeros(batch, att.nkv, 0, att.d)
+            out.append((empty, empty.clone()))
+        return out
+
+    def forward_cached(
+        self, input_ids: Tensor, positions: Tensor, past: list[KV], attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, list[KV]]:
+        """Prefill or decode: input_ids [B, S] at `positions` [B, S] after P cached tokens.
+        `attention_mask` [B, P+S] (1 = real token) masks padding. Returns logits [B, S, V], the
+        final hidden state [B, S, H] (what the MTP layer reads) and the caches grown to P+S."""
+        mask = attention_bias_mask(past[0][0].shape[2] if past else 0, input_ids, attention_mask)
+        h, presents = self.model.forward_cached(input_ids, positions, past, mask)
+        return self.head(h), h, presents
+
+    def mtp_cached(
+        self,
+        next_ids: Tensor,
+        h: Tensor,
+        positions: Tensor,
+        past: KV,
+        attention_mask: Tensor | None = None,
+        layer: int = 0,
+    ) -> tuple[Tensor, Tensor, KV]:
+        """One MTP layer over new positions: next_ids [B, S] are the tokens after the positions
+        whose trunk hidden states are `h` [B, S, H]. Returns draft logits, the MTP hidden state
+        (fed back as `h` to chain drafts) and the grown MTP cache."""
+        mtp = cast(MTPLayer, self.model.mtp[layer])
+        mask = attention_bias_mask(past[0].shape[2], next_ids, attention_mask)
+        z, present = mtp.forward_mtp_cached(self.model.embed_tokens(next_ids), h, positions, past, mask)
+        return self.head(z), z, present
 
     @torch.no_grad()
     def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
@@ -291,6 +403,17 @@ class GLMForCausalLM(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * std)
         for _, buf in self.named_buffers():
             buf.zero_()
+
+
+def attention_bias_mask(past_len: int, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """Boolean [B, 1, S, P+S]: query i (absolute position P+i) sees keys j <= P+i that are not padding."""
+    B, S = input_ids.shape
+    j = torch.arange(past_len + S, device=input_ids.device)
+    i = torch.arange(S, device=input_ids.device)[:, None] + past_len
+    mask = (j[None, :] <= i)[None, None].expand(B, 1, S, past_len + S)
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, :].bool()
+    return mask
 
 
 def _norm(n: Node) -> RMSNorm:
