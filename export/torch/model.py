@@ -146,6 +146,7 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
         # Tokens routed to each expert since the last reset, counted in training forwards only
         # (loss-free balancing reads and zeroes it once per optimizer step). Not saved.
+        self.tokens_per_expert: Tensor
         self.register_buffer("tokens_per_expert", torch.zeros(e, dtype=torch.float32), persistent=False)
         self.count_tokens = True
 
@@ -299,7 +300,7 @@ class GLMModel(nn.Module):
     ) -> tuple[Tensor, list[KV]]:
         x = self.embed_tokens(input_ids)
         presents = []
-        for layer, kv in zip(self.layers, past, strict=True):
+        for layer, kv in zip(cast("list[DecoderLayer]", self.layers), past, strict=True):
             x, present = layer.forward_cached(x, positions, kv, mask)
             presents.append(present)
         return self.norm(x), presents
