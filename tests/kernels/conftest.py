@@ -18,12 +18,6 @@ HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-@pytest.fixture(autouse=True)
-def _skip_gpu_tests_without_cuda(request: pytest.FixtureRequest) -> None:
-    if request.node.get_closest_marker("gpu") is not None and not HAS_CUDA:
-        pytest.skip("needs a CUDA GPU")
-
-
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     """Where the Triton kernels run: the GPU if there is one, else the CPU interpreter. Tests that
