@@ -44,7 +44,9 @@ def route_ref(
     """Reference router: ids [T, top_k] int64 and weights [T, top_k] fp32."""
     num_experts = weight.shape[0]
     check_route_args(num_experts, top_k, n_group, topk_group)
-    logits = x.float() @ weight.float().t()
+    # fp32 logits even under bf16 autocast: selection margins are small (every runtime does this).
+    with torch.autocast(x.device.type, enabled=False):
+        logits = x.float() @ weight.float().t()
     scores = logits.sigmoid()
     choice = scores.detach() if bias is None else scores.detach() + bias.float()
     if n_group > 1:

@@ -181,3 +181,14 @@ def test_router_stats_for_balance_losses():
     assert len(stats) == 3  # two MoE trunk layers and the MTP layer
     scores, ids = stats[0]
     assert scores.shape == (2, 8, 8) and ids.shape == (2, 8, 2) and scores.requires_grad
+
+
+def test_router_stays_fp32_under_bf16_autocast():
+    from glmc.export.torch.moe import route
+
+    x, w = torch.randn(6, 16), torch.randn(8, 16)
+    kwargs = {"top_k": 2, "n_group": 1, "topk_group": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.5}
+    ids, weights = route(x, w, None, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ids_ac, weights_ac = route(x, w, None, **kwargs)
+    assert torch.equal(ids, ids_ac) and torch.equal(weights, weights_ac)
