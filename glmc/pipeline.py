@@ -1,12 +1,23 @@
 """Pipelines are data: parsed from text such as `fuse-moe,shard{ep=8,tp=2}` into pass objects,
-checked for unknown names, bad arguments and bad orders, then run with verification after each."""
+checked for unknown names, bad arguments and bad orders, then run with verification after each.
+
+Ordering rules (each pass's `after`; checked only when both passes are present):
+- shard after fuse-moe: tensor parallelism splits fused q/k/v and gate/up per component, and
+  needs the components that fuse-moe records;
+- quantize-fp8 after fuse-moe and shard: scales are computed per fused component and are split
+  with their weights, which needs the final placement to check block alignment.
+A pass may appear once.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import time
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from glmc.errors import GlmcError
 from glmc.ir import Graph, verify
@@ -25,6 +36,17 @@ class PassCall:
     args: tuple[tuple[str, str], ...]
 
 
+@dataclass(frozen=True)
+class PassRecord:
+    """What one pass did: for `--time-passes` and provenance."""
+
+    spelling: str
+    seconds: float
+    verify_seconds: float
+    nodes_before: int
+    nodes_after: int
+
+
 def parse(text: str) -> list[PassCall]:
     """`a,b{x=1,y=foo}` -> [PassCall('a', ()), PassCall('b', (('x','1'), ('y','foo')))]."""
     calls: list[PassCall] = []
@@ -39,26 +61,36 @@ def parse(text: str) -> list[PassCall]:
             key, eq, value = part.partition("=")
             if not eq or not key.strip():
                 raise PipelineError(f"pass {m.group(1)}: argument {part!r} is not key=value")
+            if key.strip() in (k for k, _ in args):
+                raise PipelineError(f"pass {m.group(1)}: argument {key.strip()} is given twice")
             args.append((key.strip(), value.strip()))
         calls.append(PassCall(m.group(1), tuple(args)))
         pos = m.end()
     return calls
 
 
-def _convert(pass_name: str, field: dataclasses.Field[Any], value: str) -> Any:
-    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+def _convert(pass_name: str, field: str, typ: Any, value: str) -> Any:
+    """The pipeline text `value` as the pass field's declared type."""
+    if typing.get_origin(typ) is Literal:
+        choices = typing.get_args(typ)
+        for c in choices:
+            if value == str(c):
+                return c
+        raise PipelineError(
+            f"pass {pass_name}: argument {field}={value!r} is not one of {', '.join(map(str, choices))}"
+        )
     try:
-        if kind.startswith("int"):
-            return int(value)
-        if kind.startswith("float"):
-            return float(value)
-        if kind.startswith("bool"):
+        if typ is bool:
             if value.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(value)
             return value.lower() in ("true", "1")
+        if typ is int:
+            return int(value)
+        if typ is float:
+            return float(value)
     except ValueError:
         raise PipelineError(
-            f"pass {pass_name}: argument {field.name}={value!r} is not a valid {kind}"
+            f"pass {pass_name}: argument {field}={value!r} is not a valid {typ.__name__}"
         ) from None
     return value
 
@@ -71,14 +103,17 @@ def build(text: str) -> list[Pass]:
         if cls is None:
             names = ", ".join(sorted(known)) or "none are registered yet"
             raise PipelineError(f"unknown pass {call.name!r} in pipeline; known passes: {names}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if any(p.name == call.name for p in passes):
+            raise PipelineError(f"pass {call.name} appears twice in the pipeline")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        types = typing.get_type_hints(cls)
         kwargs = {}
         for key, value in call.args:
             if key not in fields:
                 raise PipelineError(
-                    f"pass {call.name} has no argument {key!r}; it takes: {', '.join(fields) or 'none'}"
+                    f"pass {call.name} has no argument {key!r}; it takes: {', '.join(sorted(fields)) or 'none'}"
                 )
-            kwargs[key] = _convert(call.name, fields[key], value)
+            kwargs[key] = _convert(call.name, key, types[key], value)
         try:
             passes.append(cls(**kwargs))
         except (TypeError, ValueError) as e:
@@ -92,7 +127,22 @@ def build(text: str) -> list[Pass]:
     return passes
 
 
-def run_pipeline(graph: Graph, text: str) -> Graph:
-    for p in build(text):
-        graph = verify(p.apply(graph))
+Observer = Callable[[Pass, Graph, PassRecord], None]
+
+
+def run_passes(graph: Graph, passes: list[Pass], observer: Observer | None = None) -> Graph:
+    """Apply `passes` in order, verifying after each; the graph records them in attr `passes`."""
+    for p in passes:
+        t0 = time.perf_counter()
+        out = p.apply(graph)
+        t1 = time.perf_counter()
+        out = verify(out.with_attrs(passes=(*graph.attr("passes", ()), p.spelling())))
+        t2 = time.perf_counter()
+        if observer is not None:
+            observer(p, out, PassRecord(p.spelling(), t1 - t0, t2 - t1, len(graph.nodes), len(out.nodes)))
+        graph = out
     return graph
+
+
+def run_pipeline(graph: Graph, text: str, observer: Observer | None = None) -> Graph:
+    return run_passes(graph, build(text), observer)

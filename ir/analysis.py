@@ -6,6 +6,8 @@ Counting rules (reference/glm45-architecture.md §4):
 - `checkpoint` is every tensor a full checkpoint holds, the MTP layer's copies of the
   embedding and head included (358.34B for GLM-4.5).
 - `in_memory` is what a model instance holds (copies shared, embeddings included).
+FP8 scales (role `scale`, added by quantize-fp8) are not parameters and are never counted;
+`weight_bytes` includes them.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class ParamCounts:
 def count_params(g: Graph) -> ParamCounts:
     total = active = checkpoint = in_memory = embedding = output = mtp = experts = 0
     for _, node, p in g.params():
+        if p.role is ParamRole.SCALE:
+            continue
         n = p.numel
         if p.attr("checkpoint", True):
             checkpoint += n
@@ -80,14 +84,20 @@ def _attention_flops(node: Node, seq_len: int) -> int:
     return 2 * 2 * node.attr("num_heads") * node.attr("head_dim") * (seq_len + 1) // 2
 
 
+def node_flops(node: Node, seq_len: int = 4096) -> int:
+    """Forward FLOPs one token spends in `node` (GEMMs, plus attention over the causal context)."""
+    f = _gemm_flops(node)
+    if node.op is Op.ATTENTION:
+        f += _attention_flops(node, seq_len)
+    return f
+
+
 def flops_per_token(g: Graph, seq_len: int = 4096) -> dict[str, int]:
     """Forward FLOPs of the trunk and head (what inference runs), and training FLOPs
     (3x forward, MTP layers and their heads included, as GLM-4.5 trains with them)."""
     trunk = mtp = 0
     for n in g.nodes:
-        f = _gemm_flops(n)
-        if n.op is Op.ATTENTION:
-            f += _attention_flops(n, seq_len)
+        f = node_flops(n, seq_len)
         if is_mtp(g, n):
             mtp += f
         else:

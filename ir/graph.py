@@ -55,6 +55,7 @@ class ParamRole(Enum):
     ROUTER = "router"  # router weight [E, H]
     ROUTER_BIAS = "router_bias"  # loss-free-balance correction bias [E], fp32
     EXPERT = "expert"  # stacked routed-expert weights [E, ...]
+    SCALE = "scale"  # FP8 dequantisation scales of another parameter (attrs: of)
 
     def __str__(self) -> str:
         return self.value

@@ -21,7 +21,8 @@ def format_value(v: Any) -> str:
     if isinstance(v, float):
         return repr(v)
     if isinstance(v, tuple):
-        return "(" + ", ".join(format_value(x) for x in v) + ")"
+        # (x,) keeps its comma, as in Python, so a 1-tuple never reads as a scalar.
+        return "(" + ", ".join(format_value(x) for x in v) + ("," if len(v) == 1 else "") + ")"
     if v is None:
         return "none"
     return str(v)

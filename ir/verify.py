@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .dtypes import DType
 from .graph import Graph, Node, ParamRole
 from .ops import Op
+from .placement import MESH_AXES, mesh_of, shard_specs
+from .quant import RECIPES, scale_param_name, scale_shape
 
 
 class VerifyError(ValueError):
@@ -33,6 +36,8 @@ def verify(g: Graph) -> Graph:
         check = _CHECKS.get(n.op)
         if check is not None:
             problems.extend(f"{n.name}: {msg}" for msg in check(n))
+        problems.extend(f"{n.name}: {msg}" for msg in _check_quant(n))
+    problems.extend(_check_placements(g))
     all_params = {fqn for fqn, _, _ in g.params()}
     for fqn, _, p in g.params():
         if p.tied_to is not None and p.tied_to not in all_params:
@@ -109,7 +114,75 @@ def _check_router(n: Node) -> list[str]:
 def _check_experts(n: Node) -> list[str]:
     e, h, i = n.attr("num_experts"), n.attr("hidden"), n.attr("intermediate_size")
     out = _arity(n, 2) + _shape(n, "gate_up_proj", (e, 2 * i, h)) + _shape(n, "down_proj", (e, h, i))
-    out += [f"parameter {p.name} must have role expert" for p in n.params if p.role is not ParamRole.EXPERT]
+    out += [
+        f"parameter {p.name} must have role expert"
+        for p in n.params
+        if p.role not in (ParamRole.EXPERT, ParamRole.SCALE)
+    ]
+    return out
+
+
+def _check_moe(n: Node) -> list[str]:
+    e, h, i = n.attr("num_experts"), n.attr("hidden"), n.attr("intermediate_size")
+    out = [] if len(n.inputs) in (1, 2) else [f"moe takes 1 input (2 with a dispatch), got {len(n.inputs)}"]
+    out += _shape(n, "gate.weight", (e, h))
+    if n.has_param("gate.e_score_correction_bias"):
+        out += _shape(n, "gate.e_score_correction_bias", (e,))
+    out += _shape(n, "experts.gate_up_proj", (e, 2 * i, h)) + _shape(n, "experts.down_proj", (e, h, i))
+    si = n.attr("shared_intermediate_size", 0)
+    if si:
+        out += _shape(n, "shared_experts.gate_up_proj.weight", (2 * si, h))
+        out += _shape(n, "shared_experts.down_proj.weight", (h, si))
+    if n.attr("top_k") > e:
+        out.append(f"top_k {n.attr('top_k')} exceeds num_experts {e}")
+    return out
+
+
+def _check_collective(n: Node) -> list[str]:
+    out = _arity(n, 1)
+    if n.attr("axis", None) not in MESH_AXES:
+        out.append(f"{n.op} needs an axis attribute, one of {', '.join(MESH_AXES)}")
+    return out
+
+
+def _check_quant(n: Node) -> list[str]:
+    """Every FP8 weight has its scale parameter with the recipe's shape, and every scale has
+    its weight."""
+    out = []
+    for p in n.params:
+        recipe = p.attr("quant", None)
+        if p.role is ParamRole.SCALE:
+            of = p.attr("of", None)
+            if of is None or not n.has_param(of) or n.param(of).attr("quant", None) is None:
+                out.append(f"scale {p.name} names no quantised parameter (of={of})")
+            continue
+        if recipe is None:
+            continue
+        if recipe not in RECIPES:
+            out.append(f"parameter {p.name} has unknown FP8 recipe {recipe!r}")
+            continue
+        if p.dtype is not DType.F8E4M3:
+            out.append(f"parameter {p.name} is quantised ({recipe}) but stored as {p.dtype}")
+        sname = scale_param_name(p.name, recipe)
+        if not n.has_param(sname):
+            out.append(f"parameter {p.name} is quantised ({recipe}) but has no {sname}")
+            continue
+        got, want = n.param(sname).shape, scale_shape(p, recipe)
+        if got != want:
+            out.append(f"scale {sname} has shape {list(got)}, expected {list(want)}")
+    return out
+
+
+def _check_placements(g: Graph) -> list[str]:
+    mesh = mesh_of(g)
+    out = []
+    for n in g.nodes:
+        stage = n.attr("stage", 0)
+        if not 0 <= stage < mesh["pp"]:
+            out.append(f"{n.name}: stage {stage} outside the mesh's {mesh['pp']} pipeline stage(s)")
+        for p in n.params:
+            for spec in shard_specs(p):
+                out += [f"{n.name}.{p.name}: {m}" for m in spec.problems(p.shape, mesh.get(spec.axis, 1))]
     return out
 
 
@@ -138,4 +211,9 @@ _CHECKS: dict[Op, Callable[[Node], list[str]]] = {
     Op.LM_HEAD: _check_lm_head,
     Op.ADD: _check_variadic,
     Op.CONCAT: _check_variadic,
+    Op.MOE: _check_moe,
+    Op.ALL_REDUCE: _check_collective,
+    Op.ALL_GATHER: _check_collective,
+    Op.ALL_TO_ALL: _check_collective,
+    Op.SEND_RECV: _check_collective,
 }

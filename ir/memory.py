@@ -1,0 +1,136 @@
+"""Per-rank memory of a sharded graph: parameter bytes, training state, KV cache per token.
+
+Ranks of one pipeline stage differ only in which tensor-parallel and expert-parallel piece they
+hold, and every plan the `shard` pass makes gives them equal pieces; the numbers are for the
+rank that holds the most (the worst case). Counted:
+
+- parameters at their storage dtype (bf16 weights, fp32 router bias, FP8 weights with fp32
+  scales after quantize-fp8). A checkpoint-only copy (the MTP layer's embedding, a tied head) is
+  free when its owner sits on the same stage and a real copy otherwise, as in Megatron;
+- for training, per trainable parameter (not the router's correction bias, a buffer updated
+  outside the optimizer; not FP8 scales): a gradient, an optional master copy and the
+  optimizer states, each at the dtype the assumptions give. With `shard_optimizer` (ZeRO-1)
+  the master copy and the optimizer states are split over the data-parallel ranks holding the
+  same piece (`dp`, times `ep` for non-expert parameters). Activations are not counted;
+- K and V bytes one token adds to the cache of the stage's attention layers (trunk and MTP
+  separately), with KV heads split over `tp` (a replicated head counts on every rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .dtypes import DType
+from .graph import Graph, Param, ParamRole
+from .ops import Op
+from .placement import max_local_numel, mesh_of, replicated_over, stage_of
+
+_NOT_TRAINED = (ParamRole.ROUTER_BIAS, ParamRole.SCALE)
+
+
+@dataclass(frozen=True)
+class TrainingAssumptions:
+    """Dtypes of the training state. Defaults: mixed precision with bf16 parameters (their
+    storage dtype), fp32 gradients, an fp32 master copy and Adam's m and v in fp32."""
+
+    grad: DType = DType.F32
+    master: DType | None = DType.F32
+    optimizer: DType = DType.F32
+    optimizer_states: int = 2
+    shard_optimizer: bool = False
+    kv: DType | None = None  # None: the graph's dtype
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "params": "storage dtype of each parameter",
+            "grad": str(self.grad),
+            "master": str(self.master) if self.master else "none",
+            "optimizer": f"{self.optimizer_states} x {self.optimizer}",
+            "shard_optimizer": self.shard_optimizer,
+            "kv_cache": str(self.kv) if self.kv else "graph dtype",
+            "activations": "not counted",
+        }
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class _Stage:
+    params: int = 0
+    param_bytes: int = 0
+    grad_bytes: int = 0
+    master_bytes: int = 0
+    optimizer_bytes: int = 0
+    kv: int = 0
+    mtp_kv: int = 0
+
+    def add_param(self, p: Param, numel: int, replicas: int, opts: TrainingAssumptions) -> None:
+        self.params += numel
+        self.param_bytes += numel * p.dtype.itemsize
+        if p.role in _NOT_TRAINED:
+            return
+        self.grad_bytes += numel * opts.grad.itemsize
+        held = _ceil_div(numel, replicas) if opts.shard_optimizer else numel
+        if opts.master is not None:
+            self.master_bytes += held * opts.master.itemsize
+        self.optimizer_bytes += held * opts.optimizer_states * opts.optimizer.itemsize
+
+
+def per_rank_memory(g: Graph, opts: TrainingAssumptions | None = None) -> dict[str, Any]:
+    opts = opts or TrainingAssumptions()
+    mesh = mesh_of(g)
+    n_stages, n_layers = mesh["pp"], int(g.attr("num_layers"))
+    stages = [_Stage() for _ in range(n_stages)]
+    layers: list[set[int]] = [set() for _ in range(n_stages)]
+    owner_stage = {f"{n.name}.{p.name}": stage_of(n) for n in g.nodes for p in n.params}
+    kv_item = (opts.kv or DType.parse(str(g.attr("dtype", "bf16")))).itemsize
+    for n in g.nodes:
+        s = stage_of(n)
+        layer = n.attr("layer", None)
+        if layer is not None:
+            layers[s].add(int(layer))
+        for p in n.params:
+            if p.tied_to is not None and owner_stage.get(p.tied_to) == s:
+                continue  # shares the owner's storage on this stage
+            stages[s].add_param(p, max_local_numel(p, mesh), replicated_over(p, mesh), opts)
+        if n.op is Op.ATTENTION:
+            nkv, tp = int(n.attr("num_kv_heads")), mesh["tp"]
+            local_heads = nkv // tp if tp <= nkv else 1
+            b = 2 * local_heads * int(n.attr("head_dim")) * kv_item
+            if layer is not None and int(layer) >= n_layers:
+                stages[s].mtp_kv += b
+            else:
+                stages[s].kv += b
+    rows = [_report(i, st, layers[i], n_layers) for i, st in enumerate(stages)]
+    keys = [k for k in rows[0] if k.endswith("bytes") or k.endswith("per_token") or k == "params"]
+    world = 1
+    for v in mesh.values():
+        world *= v
+    return {
+        "mesh": mesh,
+        "world_size": world,
+        "assumptions": opts.as_dict(),
+        "stages": rows,
+        "per_rank": {k: max(r[k] for r in rows) for k in keys},
+    }
+
+
+def _report(i: int, st: _Stage, layers: set[int], n_layers: int) -> dict[str, Any]:
+    trunk = sorted(x for x in layers if x < n_layers)
+    training = st.param_bytes + st.grad_bytes + st.master_bytes + st.optimizer_bytes
+    return {
+        "stage": i,
+        "layers": [trunk[0], trunk[-1]] if trunk else [],
+        "mtp_layers": sorted(x for x in layers if x >= n_layers),
+        "params": st.params,
+        "param_bytes": st.param_bytes,
+        "grad_bytes": st.grad_bytes,
+        "master_bytes": st.master_bytes,
+        "optimizer_bytes": st.optimizer_bytes,
+        "training_bytes": training,
+        "kv_cache_bytes_per_token": st.kv,
+        "mtp_kv_cache_bytes_per_token": st.mtp_kv,
+    }

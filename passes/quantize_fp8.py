@@ -1,0 +1,173 @@
+"""quantize-fp8{recipe,exclude}: mark GEMM weights FP8 E4M3 and give each its scale parameter.
+
+Quantised: every GEMM weight of attention, dense MLPs, shared and routed experts. Never
+quantised (reference §1.2, §6.11): embeddings, the output head and the MTP `shared_head`, the
+router and its bias, norms, biases, and the MTP `eh_proj` (TensorRT-LLM's FP8 block loader
+expects it in BF16). `exclude` adds fnmatch patterns, separated by `|`, matched against module
+and parameter names in both glmc's spelling (`model.mtp.0.self_attn`) and the checkpoint's
+(`model.layers.92.self_attn`). q/k/v and gate/up are quantised all or none: vLLM and SGLang fuse
+each group into one layer with one quantisation method.
+
+The pass only annotates: a weight's dtype becomes f8e4m3 with `quant=<recipe>`, and a `scale`
+parameter (`<name>_scale_inv` for block128, `<name>_scale` for channel; fp32) follows it, split
+over the mesh like its weight. Values are computed by the weight transform (export/hf/fp8.py).
+Runs after shard, because block scales can only be split where tensor-parallel pieces are
+128-aligned; this pass checks that.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from fnmatch import fnmatchcase
+from typing import ClassVar, Literal
+
+from glmc.ir import (
+    DType,
+    Graph,
+    Node,
+    Param,
+    ParamRole,
+    ShardSpec,
+    make_attrs,
+    mesh_of,
+    shard_specs,
+    with_shards,
+)
+from glmc.ir.quant import (
+    ACTIVATION_SCHEME,
+    BLOCK,
+    scale_cols,
+    scale_param_name,
+    scale_shape,
+    segment_scale_rows,
+)
+
+from .base import Pass, PassError
+
+DEFAULT_EXCLUDE = ("*.eh_proj",)
+_GROUPS = (("q_proj.", "k_proj.", "v_proj."), ("gate_proj.", "up_proj."))
+_MTP = re.compile(r"^model\.mtp\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class QuantizeFP8(Pass):
+    name: ClassVar[str] = "quantize-fp8"
+    # Fused weights are quantised per component; sharded weights per 128-aligned piece.
+    after: ClassVar[tuple[str, ...]] = ("fuse-moe", "shard")
+
+    recipe: Literal["block128", "channel"] = "block128"
+    exclude: str = ""
+
+    def patterns(self) -> list[str]:
+        return [p.strip() for p in self.exclude.split("|") if p.strip()]
+
+    def apply(self, graph: Graph) -> Graph:
+        if graph.attr("quantization", None) is not None:
+            raise PassError(f"quantize-fp8: the graph is already quantised ({graph.attr('quantization')})")
+        n_layers = int(graph.attr("num_layers"))
+        user = self.patterns()
+        used: set[str] = set()
+        nodes = []
+        for n in graph.nodes:
+            chosen = [p for p in n.params if _candidate(p) and not self._excluded(n, p, n_layers, user, used)]
+            _check_groups(n, {p.name for p in chosen})
+            if chosen:
+                n = self._quantize(graph, n, {p.name for p in chosen})
+            nodes.append(n)
+        unused = [p for p in user if p not in used]
+        if unused:
+            raise PassError(
+                f"quantize-fp8: exclude pattern {unused[0]!r} matches no GEMM weight; patterns match names "
+                "such as model.layers.3.mlp.shared_experts.* or *.self_attn.o_proj"
+            )
+        return graph.replace_nodes(nodes).with_attrs(quantization=self.recipe)
+
+    def _excluded(self, n: Node, p: Param, n_layers: int, user: list[str], used: set[str]) -> bool:
+        names = _spellings(f"{n.name}.{p.name}", n_layers)
+        if any(fnmatchcase(x, pat) for x in names for pat in DEFAULT_EXCLUDE):
+            return True
+        hit = [pat for pat in user if any(fnmatchcase(x, pat) for x in names)]
+        used.update(hit)
+        return bool(hit)
+
+    def _quantize(self, g: Graph, n: Node, chosen: set[str]) -> Node:
+        params: list[Param] = []
+        for p in n.params:
+            if p.name not in chosen:
+                params.append(p)
+                continue
+            _check_alignment(g, n, p, self.recipe)
+            q = replace(p, dtype=DType.F8E4M3).with_attrs(quant=self.recipe)
+            scale = Param(
+                scale_param_name(p.name, self.recipe),
+                scale_shape(p, self.recipe),
+                DType.F32,
+                ParamRole.SCALE,
+                attrs=make_attrs(of=p.name),
+            )
+            specs = _scale_specs(p, self.recipe)
+            params += [q, with_shards(scale, specs) if specs else scale]
+        return replace(n, params=tuple(params)).with_attrs(act_quant=ACTIVATION_SCHEME[self.recipe])
+
+
+def _candidate(p: Param) -> bool:
+    return p.role in (ParamRole.WEIGHT, ParamRole.EXPERT) and len(p.shape) >= 2
+
+
+def _spellings(full: str, n_layers: int) -> list[str]:
+    """A parameter's full name and module name, in glmc's and the checkpoint's spelling."""
+    names = [full]
+    m = _MTP.match(full)
+    if m:
+        names.append(f"model.layers.{n_layers + int(m.group(1))}." + full[m.end() :])
+    return names + [x.removesuffix(".weight") for x in names if x.endswith(".weight")]
+
+
+def _check_groups(n: Node, chosen: set[str]) -> None:
+    for group in _GROUPS:
+        members = [p.name for p in n.params if p.name.startswith(group) and p.name.endswith(".weight")]
+        picked = [m for m in members if m in chosen]
+        if picked and len(picked) != len(members):
+            left = sorted(set(members) - set(picked))
+            raise PassError(
+                f"quantize-fp8: {n.name}: exclude leaves {', '.join(picked)} quantised but not {', '.join(left)}; "
+                "serving stacks fuse q/k/v and gate/up into one layer, so exclude all of a group or none"
+            )
+
+
+def _check_alignment(g: Graph, n: Node, p: Param, recipe: str) -> None:
+    """Block scales split with their weight only if every tensor-parallel piece is whole blocks."""
+    if recipe != "block128":
+        return
+    mesh = mesh_of(g)
+    rows_dim, cols_dim = len(p.shape) - 2, len(p.shape) - 1
+    for s in shard_specs(p):
+        if s.index or s.dim not in (rows_dim, cols_dim):
+            continue
+        for seg, rep in zip(s.segments, s.replicas, strict=True):
+            chunks = mesh[s.axis] // rep
+            piece = seg // chunks
+            if chunks > 1 and piece % BLOCK:
+                what = "rows" if s.dim == rows_dim else "columns"
+                raise PassError(
+                    f"quantize-fp8: recipe=block128 needs {BLOCK}-aligned tensor-parallel pieces, but "
+                    f"{s.axis}={mesh[s.axis]} splits the {what} of {n.name}.{p.name} into pieces of {piece}; "
+                    "use recipe=channel or a smaller tp"
+                )
+
+
+def _scale_specs(p: Param, recipe: str) -> list[ShardSpec]:
+    """The weight's placement, restated in units of scale rows and columns."""
+    out = []
+    rows_dim, cols_dim = len(p.shape) - 2, len(p.shape) - 1
+    for s in shard_specs(p):
+        if s.index or s.dim < rows_dim:
+            out.append(s)
+        elif s.dim == rows_dim:
+            segs = tuple(segment_scale_rows(x, recipe) for x in s.segments)
+            out.append(ShardSpec(s.axis, s.dim, segs, s.replicas))
+        elif recipe == "block128" and s.dim == cols_dim:
+            out.append(ShardSpec(s.axis, s.dim, (scale_cols(p.shape[-1], recipe),), s.replicas))
+        # channel scales have one column: a column split leaves them replicated.
+    return out

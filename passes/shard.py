@@ -1,0 +1,241 @@
+"""shard{dp,tp,ep,pp}: place every parameter on the named mesh axes and make communication explicit.
+
+Mesh (outermost first) pp x dp x ep x tp; world size is their product. The `ep` axis splits the
+routed experts and is a data-parallel axis for everything else (DeepSeek-V3/GLM style "DP
+attention + EP"), so expert weights are replicated over `dp` only and dense weights over
+`dp x ep`.
+
+- tp (Megatron layout): q/k/v (or fused qkv) rows split by heads, `o_proj` columns; KV heads
+  split while tp <= num_kv_heads and replicated on tp / num_kv_heads consecutive ranks above
+  (`kv_replication`); gate/up rows and down columns of the dense MLP, the shared expert and every
+  routed expert (expert-tensor parallel); embedding and output head split by vocabulary rows.
+  Norms, router, MTP `eh_proj` are replicated. An `all_reduce` follows every row-parallel output
+  (attention, MLP, MoE, vocab-parallel embedding), an `all_gather` the vocab-parallel logits.
+- ep: routed experts split on dim 0 (contiguous, or load-aware from `expert_load`, optionally
+  with `redundant_experts` replicas); `all_to_all` dispatch and combine around each MoE.
+- pp: trunk layers in contiguous stages balanced by `balance` cost (per-token FLOPs, or per-rank
+  parameter bytes), embedding on the first stage, final norm, head and MTP layers on the last;
+  a `send_recv` hands activations across each boundary; every node carries its `stage`.
+- dp: replication only (recorded in the mesh; `inspect` uses it for ZeRO-style optimizer sharding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar, Literal
+
+from glmc.ir import (
+    Graph,
+    Node,
+    Op,
+    Param,
+    ParamRole,
+    ShardSpec,
+    max_local_numel,
+    node_flops,
+    with_shards,
+)
+
+from . import _expert_placement as placement
+from ._collectives import MOE_OPS as _MOE_OPS
+from ._collectives import insert_collectives
+from ._pipeline_stages import balance as balance_stages
+from .base import Pass, PassError
+
+
+@dataclass(frozen=True)
+class Shard(Pass):
+    name: ClassVar[str] = "shard"
+    # Sharding fused tensors needs their component boundaries, which fuse-moe records.
+    after: ClassVar[tuple[str, ...]] = ("fuse-moe",)
+
+    dp: int = 1
+    tp: int = 1
+    ep: int = 1
+    pp: int = 1
+    redundant_experts: int = 0
+    expert_load: str = ""
+    balance: Literal["flops", "params"] = "flops"
+    kv_replication: bool = True
+    seq_len: int = 4096
+
+    def __post_init__(self) -> None:
+        for f in ("dp", "tp", "ep", "pp", "seq_len"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f} must be a positive integer, got {getattr(self, f)}")
+        if self.redundant_experts < 0:
+            raise ValueError(f"redundant_experts must be >= 0, got {self.redundant_experts}")
+
+    def apply(self, graph: Graph) -> Graph:
+        if graph.attr("mesh", None) is not None:
+            raise PassError("shard: the graph is already sharded")
+        self._check(graph)
+        maps = self._expert_maps(graph)
+        nodes = [replace(n, params=tuple(self._place(n, p, maps) for p in n.params)) for n in graph.nodes]
+        stages = self._stages(graph, nodes)
+        out = insert_collectives(graph, nodes, stages, ep=self.ep, tp=self.tp, pp=self.pp)
+        mesh = (("pp", self.pp), ("dp", self.dp), ("ep", self.ep), ("tp", self.tp))
+        attrs: dict[str, object] = {"mesh": mesh, "pp_stages": tuple(stages)}
+        e = _num_experts(graph)
+        if self.ep > 1 and e is not None:
+            attrs["ep_slots"] = (e + self.redundant_experts) // self.ep
+        return graph.replace_nodes(out).with_attrs(**attrs)
+
+    # ---- plan checks ------------------------------------------------------------------------
+
+    def _check(self, g: Graph) -> None:
+        tp, ep = self.tp, self.ep
+        att = g.find(Op.ATTENTION)
+        if att:
+            nh, nkv = int(att[0].attr("num_heads")), int(att[0].attr("num_kv_heads"))
+            if nh % tp:
+                raise PassError(f"shard: tp={tp} does not divide attention.num_heads={nh}")
+            if tp <= nkv and nkv % tp:
+                raise PassError(f"shard: tp={tp} does not divide attention.num_kv_heads={nkv}")
+            if tp > nkv and not self.kv_replication:
+                raise PassError(
+                    f"shard: tp={tp} exceeds attention.num_kv_heads={nkv} and kv_replication=false; "
+                    f"use tp <= {nkv} or let ranks replicate KV heads"
+                )
+            if tp > nkv and tp % nkv:
+                raise PassError(
+                    f"shard: tp={tp} exceeds attention.num_kv_heads={nkv} but is not a multiple of it, "
+                    "so KV heads cannot be replicated evenly"
+                )
+        for n in g.nodes:
+            for field, size in _tp_widths(n):
+                if size % tp:
+                    raise PassError(f"shard: tp={tp} does not divide {field}={size} (node {n.name})")
+        vocab = int(g.attr("vocab_size"))
+        if vocab % tp:
+            raise PassError(
+                f"shard: tp={tp} does not divide vocab_size={vocab} (vocabulary-parallel embedding)"
+            )
+        n_layers = int(g.attr("num_layers"))
+        if self.pp > n_layers:
+            raise PassError(
+                f"shard: pp={self.pp} exceeds num_layers={n_layers}; every pipeline stage needs a layer"
+            )
+        e = _num_experts(g)
+        if (ep > 1 or self.redundant_experts or self.expert_load) and e is None:
+            raise PassError(
+                "shard: ep, redundant_experts and expert_load need MoE layers; this model has none"
+            )
+        if e is None:
+            return
+        if ep == 1 and (self.redundant_experts or self.expert_load):
+            raise PassError(
+                "shard: redundant_experts and expert_load place experts over ep ranks; set ep > 1"
+            )
+        if self.redundant_experts > e * (ep - 1):
+            raise PassError(
+                f"shard: redundant_experts={self.redundant_experts} exceeds moe.num_experts x (ep - 1) = "
+                f"{e * (ep - 1)}: an expert can have at most one copy per rank"
+            )
+        slots = e + self.redundant_experts
+        if slots % ep:
+            divisors = [d for d in range(1, e + 1) if e % d == 0]
+            raise PassError(
+                f"shard: ep={ep} does not divide moe.num_experts={e}"
+                + (f" + redundant_experts={self.redundant_experts}" if self.redundant_experts else "")
+                + f"; use ep in {divisors}, or redundant_experts={self.redundant_experts + (-slots) % ep} "
+                f"to give each of the {ep} ranks {-(-slots // ep)} expert slots"
+            )
+
+    # ---- placements -------------------------------------------------------------------------
+
+    def _expert_maps(self, g: Graph) -> dict[int, tuple[tuple[int, ...], ...]]:
+        e = _num_experts(g)
+        if e is None or self.ep == 1:
+            return {}
+        layers = sorted(int(n.attr("layer")) for n in g.nodes if n.op in _MOE_OPS)
+        loads = placement.load_histograms(self.expert_load, e, layers) if self.expert_load else {}
+        maps = {}
+        for layer in layers:
+            if layer in loads or self.redundant_experts:
+                maps[layer] = placement.balanced(loads.get(layer, [1.0] * e), self.ep, self.redundant_experts)
+            else:
+                maps[layer] = placement.contiguous(e, self.ep)
+        return maps
+
+    def _place(self, n: Node, p: Param, maps: dict[int, tuple[tuple[int, ...], ...]]) -> Param:
+        specs: list[ShardSpec] = []
+        if self.ep > 1 and p.role is ParamRole.EXPERT:
+            specs.append(ShardSpec("ep", 0, (p.shape[0],), (1,), maps[int(n.attr("layer"))]))
+        if self.tp > 1:
+            t = self._tp_spec(n, p)
+            if t is not None:
+                specs.append(t)
+        return with_shards(p, specs) if specs else p
+
+    def _tp_spec(self, n: Node, p: Param) -> ShardSpec | None:
+        name, shape = p.name, p.shape
+        if n.op is Op.ATTENTION:
+            nh, nkv, d = int(n.attr("num_heads")), int(n.attr("num_kv_heads")), int(n.attr("head_dim"))
+            rep = self.tp // nkv if self.tp > nkv else 1
+            if name.startswith("q_proj."):
+                return ShardSpec("tp", 0, (nh * d,), (1,))
+            if name.startswith(("k_proj.", "v_proj.")):
+                return ShardSpec("tp", 0, (nkv * d,), (rep,))
+            if name.startswith("qkv_proj."):
+                return ShardSpec("tp", 0, (nh * d, nkv * d, nkv * d), (1, rep, rep))
+            if name == "o_proj.weight":
+                return ShardSpec("tp", 1, (nh * d,), (1,))
+            return None
+        if n.op in (Op.EMBED, Op.LM_HEAD):
+            return ShardSpec("tp", 0, (shape[0],), (1,))
+        if p.role is ParamRole.EXPERT:
+            if name.endswith("gate_up_proj"):
+                return ShardSpec("tp", 1, (shape[1] // 2, shape[1] // 2), (1, 1))
+            return ShardSpec("tp", 2, (shape[2],), (1,))
+        if p.role is not ParamRole.WEIGHT or n.op not in (Op.MLP, Op.MOE):
+            return None
+        if name.endswith("gate_up_proj.weight"):
+            return ShardSpec("tp", 0, (shape[0] // 2, shape[0] // 2), (1, 1))
+        if name.endswith(("gate_proj.weight", "up_proj.weight")):
+            return ShardSpec("tp", 0, (shape[0],), (1,))
+        if name.endswith("down_proj.weight"):
+            return ShardSpec("tp", 1, (shape[1],), (1,))
+        return None
+
+    # ---- pipeline stages --------------------------------------------------------------------
+
+    def _stages(self, g: Graph, nodes: list[Node]) -> list[tuple[int, int]]:
+        n_layers = int(g.attr("num_layers"))
+        if self.pp == 1:
+            return [(0, n_layers - 1)]
+        mesh = {"pp": self.pp, "dp": self.dp, "ep": self.ep, "tp": self.tp}
+        costs = [0] * n_layers
+        for n in nodes:
+            layer = n.attr("layer", None)
+            if layer is not None and int(layer) < n_layers:
+                unit = int(layer)
+            else:  # the embedding rides with the first layer; head, final norm and MTP with the last
+                unit = 0 if n.name in ("input_ids", "model.embed_tokens") else n_layers - 1
+            if self.balance == "flops":
+                costs[unit] += node_flops(n, self.seq_len)
+            else:
+                costs[unit] += sum(max_local_numel(p, mesh) * p.dtype.itemsize for p in n.params)
+        # Stages must be distinguishable even for zero-cost layers.
+        return balance_stages([c + 1 for c in costs], self.pp)
+
+
+def _num_experts(g: Graph) -> int | None:
+    for n in g.nodes:
+        if n.op in _MOE_OPS:
+            return int(n.attr("num_experts"))
+    return None
+
+
+def _tp_widths(n: Node) -> list[tuple[str, int]]:
+    """The spec fields (and sizes) that tensor parallelism must divide on this node."""
+    shared = ("moe.intermediate_size x moe.num_shared_experts", int(n.attr("shared_intermediate_size", 0)))
+    if n.op is Op.MLP:
+        if n.name.endswith(".shared_experts"):
+            return [(shared[0], int(n.attr("intermediate_size")))]
+        return [("mlp.intermediate_size", int(n.attr("intermediate_size")))]
+    if n.op is Op.EXPERTS:
+        return [("moe.intermediate_size", int(n.attr("intermediate_size")))]
+    if n.op is Op.MOE:
+        return [("moe.intermediate_size", int(n.attr("intermediate_size")))] + ([shared] if shared[1] else [])
+    return []

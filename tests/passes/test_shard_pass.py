@@ -1,0 +1,205 @@
+"""shard: placements for every parameter, explicit collectives, expert placement (contiguous and
+load-aware with redundancy), balanced pipeline stages, and invalid plans refused by name."""
+
+import itertools
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from glmc import presets
+from glmc.ir import Graph, Op, local_shape, mesh_of, shard_specs, stage_of, verify
+from glmc.lower import lower
+from glmc.passes import PassError
+from glmc.passes._expert_placement import balanced, contiguous
+from glmc.passes._pipeline_stages import balance
+from glmc.pipeline import PipelineError, run_pipeline
+from glmc.spec import ModelSpec
+
+
+def _tiny(**update: object) -> ModelSpec:
+    data = presets.get("glm-tiny").model_dump()
+    for k, v in update.items():
+        data[k] = {**data[k], **v} if isinstance(v, dict) else v
+    return ModelSpec.from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def glm45() -> Graph:
+    return lower(presets.get("glm-4.5"))
+
+
+def test_issue_pipeline_on_glm45_in_under_a_second() -> None:
+    """The GLM-4.5 spec through fuse-moe, shard (ep=64, pp=4, dp=2) and quantize-fp8, no weights.
+    160 experts do not split 64 ways, so the plan needs 32 redundant experts (3 slots per rank)."""
+    t0 = time.perf_counter()
+    g = run_pipeline(
+        lower(presets.get("glm-4.5")), "fuse-moe,shard{ep=64,pp=4,dp=2,redundant_experts=32},quantize-fp8"
+    )
+    seconds = time.perf_counter() - t0
+    print(
+        f"\nGLM-4.5 lower + fuse-moe,shard{{ep=64,pp=4,dp=2,redundant_experts=32}},quantize-fp8: {seconds:.3f} s"
+    )
+    assert seconds < 1.0
+    assert mesh_of(g) == {"pp": 4, "dp": 2, "ep": 64, "tp": 1} and g.attr("ep_slots") == 3
+    assert len(g.find(Op.SEND_RECV)) == 3 and len(g.find(Op.ALL_TO_ALL)) == 2 * 90
+
+
+def test_issue_pipeline_literally_is_refused_with_the_way_out(glm45: Graph) -> None:
+    with pytest.raises(PassError) as e:
+        run_pipeline(glm45, "fuse-moe,shard{ep=64,pp=4,dp=2},quantize-fp8")
+    msg = str(e.value)
+    assert "ep=64 does not divide moe.num_experts=160" in msg and "redundant_experts=32" in msg
+    assert "[1, 2, 4, 5, 8, 10, 16, 20, 32, 40, 80, 160]" in msg
+
+
+@pytest.mark.parametrize(
+    ("spec", "pipeline", "needle"),
+    [
+        ("glm-4.5", "shard{ep=3}", "ep=3 does not divide moe.num_experts=160"),
+        ("glm-4.5", "shard{tp=16,kv_replication=false}", "tp=16 exceeds attention.num_kv_heads=8"),
+        ("glm-4.5", "shard{tp=12}", "tp=12 exceeds attention.num_kv_heads=8 but is not a multiple"),
+        ("glm-4.5", "shard{tp=64}", "tp=64 does not divide attention.num_heads=96"),
+        ("glm-4.5", "shard{pp=93}", "pp=93 exceeds num_layers=92"),
+        ("glm-4.5", "shard{redundant_experts=8}", "set ep > 1"),
+        ("glm-4.5", "shard{ep=2,redundant_experts=161}", "redundant_experts=161 exceeds"),
+        (
+            "glm-4.5",
+            "shard{ep=4,redundant_experts=2}",
+            "ep=4 does not divide moe.num_experts=160 + redundant_experts=2",
+        ),
+        ("odd-mlp", "shard{tp=2}", "tp=2 does not divide mlp.intermediate_size=129"),
+        ("odd-vocab", "shard{tp=2}", "tp=2 does not divide vocab_size=513"),
+        ("dense", "shard{ep=2}", "need MoE layers"),
+    ],
+)
+def test_invalid_plans_are_refused_naming_the_argument(spec: str, pipeline: str, needle: str) -> None:
+    specs = {
+        "odd-mlp": lambda: _tiny(mlp={"intermediate_size": 129}),
+        "odd-vocab": lambda: _tiny(vocab_size=513),
+        "dense": lambda: _tiny(num_dense_layers=3, num_mtp_layers=0, moe=None),
+    }
+    s = specs[spec]() if spec in specs else presets.get(spec)
+    with pytest.raises((PassError, PipelineError)) as e:
+        run_pipeline(lower(s), pipeline)
+    assert needle in str(e.value)
+
+
+def test_every_parameter_is_placed_consistently(glm45: Graph) -> None:
+    g = run_pipeline(glm45, "fuse-moe,shard{ep=32,tp=4,pp=4,dp=2}")
+    mesh = mesh_of(g)
+    assert all(n.attr("stage", None) is not None for n in g.nodes)
+    for fqn, _, p in g.params():
+        axes = [s.axis for s in shard_specs(p)]
+        if p.role.value == "expert":
+            assert axes == ["ep", "tp"], fqn
+        local = local_shape(p, mesh, {"ep": 1, "tp": 3})
+        assert all(a <= b for a, b in zip(local, p.shape, strict=True)), fqn
+    att = g.node("model.layers.5.self_attn")
+    # 96 heads, 8 KV heads over tp=4: 24 q heads and 2 KV heads per rank
+    assert local_shape(att.param("qkv_proj.weight"), mesh, {"tp": 1}) == ((24 + 2 * 2) * 128, 5120)
+    assert local_shape(att.param("o_proj.weight"), mesh, {"tp": 1}) == (5120, 24 * 128)
+    moe = g.node("model.layers.5.mlp")
+    assert local_shape(moe.param("experts.gate_up_proj"), mesh, {"ep": 7, "tp": 2}) == (5, 2 * 384, 5120)
+
+
+def test_kv_heads_replicate_above_their_count(glm45: Graph) -> None:
+    g = run_pipeline(glm45, "shard{tp=16}")
+    att = g.node("model.layers.0.self_attn")
+    k = att.param("k_proj.weight")
+    (spec,) = shard_specs(k)
+    assert spec.replicas == (2,)
+    # ranks 2r and 2r + 1 hold KV head r, whole
+    assert [spec.absolute_ranges(16, r) for r in (4, 5)] == [[(256, 384)], [(256, 384)]]
+    assert local_shape(k, mesh_of(g), {"tp": 5}) == (128, 5120)
+
+
+def test_collectives_are_explicit(glm45: Graph) -> None:
+    g = run_pipeline(glm45, "fuse-moe,shard{ep=8,tp=2}")
+    kinds = [
+        (n.op, n.attr("axis"), n.attr("kind"))
+        for n in g.nodes
+        if n.op.value in ("all_reduce", "all_to_all", "all_gather")
+    ]
+    n_att, n_moe = 93, 90
+    assert kinds.count((Op.ALL_TO_ALL, "ep", "dispatch")) == n_moe
+    assert kinds.count((Op.ALL_TO_ALL, "ep", "combine")) == n_moe
+    # attention + every MLP/MoE output + the two vocab-parallel embeddings
+    assert kinds.count((Op.ALL_REDUCE, "tp", "sum")) == n_att + 93 + 2
+    assert kinds.count((Op.ALL_GATHER, "tp", "vocab")) == 2
+    moe = g.node("model.layers.10.mlp")
+    assert moe.inputs == ("model.layers.10.post_attention_layernorm", "model.layers.10.mlp.dispatch")
+
+
+def test_contiguous_and_load_aware_expert_placement(tmp_path: Path) -> None:
+    assert contiguous(8, 4) == ((0, 1), (2, 3), (4, 5), (6, 7))
+    rng = random.Random(0)
+    loads = [rng.expovariate(1.0) * (20 if e in (3, 11) else 1) for e in range(16)]
+    for redundant in (0, 4):
+        plan = balanced(loads, 4, redundant)
+        assert all(len(r) == (16 + redundant) // 4 for r in plan)
+        assert all(len(set(r)) == len(r) for r in plan)  # never two copies on one rank
+        assert {e for r in plan for e in r} == set(range(16))
+    copies = {e: sum(e in r for r in balanced(loads, 4, 4)) for e in range(16)}
+
+    def worst(plan: tuple[tuple[int, ...], ...]) -> float:
+        n = {e: sum(e in r for r in plan) for e in range(16)}
+        return max(sum(loads[e] / n[e] for e in r) for r in plan)
+
+    assert copies[3] > 1 and copies[11] > 1  # the hot experts got replicas
+    assert worst(balanced(loads, 4, 4)) < worst(balanced(loads, 4, 0)) < worst(contiguous(16, 4))
+    hist = tmp_path / "load.json"
+    hist.write_text(json.dumps({"1": [1, 1, 1, 1, 1, 1, 50, 40], "default": [1] * 8}))
+    g = run_pipeline(lower(presets.get("glm-tiny")), f"fuse-moe,shard{{ep=2,expert_load={hist}}}")
+    (spec,) = shard_specs(g.node("model.layers.1.mlp").param("experts.down_proj"))
+    assert sorted(spec.index[0] + spec.index[1]) == list(range(8))
+    assert (6 in spec.index[0]) != (7 in spec.index[0])  # the two hot experts on different ranks
+    verify(g)
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("[1, 2, 3]", "must list 8 counts"),
+        ('{"0": [1, 1, 1, 1, 1, 1, 1, 1]}', "layer '0', which is not an MoE layer"),
+        ("[1, 1, 1, 1, 1, 1, 1, -1]", "counts must be finite and >= 0"),
+        ("not json", "cannot read expert_load"),
+    ],
+)
+def test_bad_expert_load_files_are_named(tmp_path: Path, content: str, needle: str) -> None:
+    hist = tmp_path / "load.json"
+    hist.write_text(content)
+    with pytest.raises(PassError) as e:
+        run_pipeline(lower(presets.get("glm-tiny")), f"shard{{ep=2,expert_load={hist}}}")
+    assert needle in str(e.value) and "expert_load" in str(e.value)
+
+
+def test_stage_balance_is_optimal_against_brute_force() -> None:
+    rng = random.Random(1)
+    for _ in range(200):
+        n, pp = rng.randint(1, 9), rng.randint(1, 5)
+        if pp > n:
+            continue
+        costs = [rng.randint(1, 50) for _ in range(n)]
+        got = balance(costs, pp)
+        assert got[0][0] == 0 and got[-1][1] == n - 1 and len(got) == pp
+        assert all(b >= a and got[i + 1][0] == b + 1 for i, (a, b) in enumerate(got[:-1]))
+        best = min(
+            max(sum(costs[a:b]) for a, b in itertools.pairwise((0, *cut, n)))
+            for cut in itertools.combinations(range(1, n), pp - 1)
+        )
+        assert max(sum(costs[a : b + 1]) for a, b in got) == best
+
+
+@pytest.mark.parametrize("balance_by", ["flops", "params"])
+def test_stages_cover_the_model_and_carry_embedding_and_head(glm45: Graph, balance_by: str) -> None:
+    g = run_pipeline(glm45, f"fuse-moe,shard{{pp=4,ep=8,balance={balance_by}}}")
+    stages = g.attr("pp_stages")
+    assert stages[0][0] == 0 and stages[-1][1] == 91 and len(stages) == 4
+    assert stage_of(g.node("model.embed_tokens")) == 0
+    assert {stage_of(g.node(n)) for n in ("lm_head", "model.norm", "model.mtp.0.mlp")} == {3}
+    # The last stage also runs the head and the MTP layer, so it gets fewer trunk layers.
+    sizes = [b - a + 1 for a, b in stages]
+    assert sizes[-1] < max(sizes[:-1])
