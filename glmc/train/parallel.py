@@ -1,0 +1,157 @@
+"""Apply the plan to the emitted model: expert parallel, activation checkpointing, per-block
+`torch.compile(fullgraph=True)`, FSDP2 — in torchtitan's order (§2.4, §2.7).
+
+The emitted model is wrapped in `TrainModule`, whose forward is the training forward
+(`forward_with_mtp` with balance statistics); FSDP2's root hooks fire on module calls, so the
+root must be a module whose `forward` is what the step runs. State-dict keys gain `lm.`.
+
+Gradient semantics: every loss is a per-rank mean over equal token counts, so the global-batch
+gradient is the mean of the ranks' gradients. FSDP2 averages the dense ones over dp. Expert
+weights under EP are owned by one rank of each EP group and receive gradient from every rank's
+tokens through the all-to-all, so they are divided by dp and summed over their replicas (edp).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any, cast
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from glmc.export.torch.ep import EPExperts, shard_experts
+from glmc.export.torch.model import DecoderLayer, GLMForCausalLM, MTPLayer
+from glmc.train.balance import no_token_counting, routers
+from glmc.train.plan import Dist
+
+
+class StatsSink:
+    """The step's balance-statistics list. FSDP2's pre-forward hooks rebuild a module's
+    arguments (tree map), so a list passed into an FSDP-wrapped layer would be a copy and
+    its appends lost; wrapped layers append to this shared list instead."""
+
+    current: list[tuple[Tensor, Tensor]] | None = None
+
+
+class TrainModule(nn.Module):
+    """input_ids [B, S] -> (logits, MTP logits per depth, per-MoE-layer (scores, ids))."""
+
+    def __init__(self, lm: GLMForCausalLM, sink: StatsSink) -> None:
+        super().__init__()
+        self.lm = lm
+        self.sink = sink
+
+    def forward(self, input_ids: Tensor, with_stats: bool = False) -> tuple[Tensor, list[Tensor], list[Any]]:
+        stats: list[tuple[Tensor, Tensor]] | None = [] if with_stats else None
+        self.sink.current = stats
+        try:
+            logits, mtp = self.lm.forward_with_mtp(input_ids, stats)
+        finally:
+            self.sink.current = None
+        return logits, mtp, stats or []
+
+
+def _with_sink(fn: Callable[..., Tensor], sink: StatsSink) -> Callable[..., Tensor]:
+    def run(x: Tensor, positions: Tensor, stats: Any = None) -> Tensor:
+        return fn(x, positions, sink.current if stats is not None else None)
+
+    return run
+
+
+def _checkpointed(fn: Callable[..., Tensor], lm: nn.Module) -> Callable[..., Tensor]:
+    rs = routers(lm)
+
+    def contexts() -> tuple[Any, Any]:
+        return nullcontext(), no_token_counting(rs)  # recompute must not count tokens again
+
+    def run(*args: Any) -> Tensor:
+        return cast(Tensor, checkpoint(fn, *args, use_reentrant=False, context_fn=contexts))
+
+    return run
+
+
+def parallelize(
+    lm: GLMForCausalLM, d: Dist, *, compile: bool, activation_checkpoint: bool, fsdp: bool
+) -> TrainModule:
+    plan = d.plan
+    if plan.ep > 1:
+        assert d.ep_group is not None
+        shard_experts(lm, d.ep_group)
+    layers = cast("list[DecoderLayer]", list(lm.model.layers))
+    sink = StatsSink()
+    for layer in layers:
+        fwd: Callable[..., Tensor] = layer.forward
+        if compile:
+            # Instance attribute, not Module.compile(): the state-dict names stay unchanged and
+            # FSDP2's hooks run eagerly around the compiled block.
+            fwd = torch.compile(fwd, fullgraph=True)
+        if activation_checkpoint:
+            fwd = _checkpointed(fwd, lm)
+        layer.forward = _with_sink(fwd, sink)  # type: ignore[method-assign]
+    if compile:
+        for mtp in cast("list[MTPLayer]", list(lm.model.mtp)):
+            mtp.forward_mtp = torch.compile(mtp.forward_mtp, fullgraph=True)  # type: ignore[method-assign]
+    module = TrainModule(lm, sink)
+    if plan.dp > 1 and fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        ignored = set(expert_params(module))  # owned per EP rank; synchronised by sync_grads
+        for layer in layers:
+            fully_shard(layer, mesh=d.dp_mesh, ignored_params=ignored or None)
+        fully_shard(module, mesh=d.dp_mesh, ignored_params=ignored or None)
+    return module
+
+
+def expert_params(module: nn.Module) -> list[nn.Parameter]:
+    return [p for m in module.modules() if isinstance(m, EPExperts) for p in m.parameters()]
+
+
+def replicas(module: nn.Module, d: Dist) -> dict[int, int]:
+    """On how many ranks each parameter's local piece lives (for the global gradient norm)."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    experts = {id(p) for p in expert_params(module)}
+    for p in module.parameters():
+        if id(p) in experts:
+            out[id(p)] = d.plan.edp
+        elif isinstance(p, DTensor):
+            out[id(p)] = 1  # FSDP shards over all dp ranks (tp = pp = 1)
+        else:
+            out[id(p)] = d.world
+    return out
+
+
+@torch.no_grad()
+def sync_grads(module: nn.Module, d: Dist, fsdp: bool) -> None:
+    """The gradient reductions FSDP2 does not do: expert-parallel experts, and dense weights
+    when FSDP is off (plain data parallel, one flat all-reduce)."""
+    if d.world == 1:
+        return
+    experts = expert_params(module)
+    if experts:
+        grads = [p.grad for p in experts if p.grad is not None]
+        if d.edp_group is not None:
+            _all_reduce_flat(grads, d.edp_group)
+        for g in grads:
+            g.div_(d.plan.dp)
+    if not (fsdp and d.plan.dp > 1):
+        ids = {id(p) for p in experts}
+        dense = [p.grad for p in module.parameters() if id(p) not in ids and p.grad is not None]
+        _all_reduce_flat(dense, None)
+        for g in dense:
+            g.div_(d.plan.dp)
+
+
+def _all_reduce_flat(grads: list[Tensor], group: dist.ProcessGroup | None) -> None:
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()

@@ -1,0 +1,223 @@
+"""The training loop: `train(TrainConfig)` runs one process's share of a (possibly torchrun-
+launched) run. Every input is checked — spec, plan vs world size, data, tokenizer vs vocab,
+resume checkpoint — before the model is built, so bad input stops before any step runs.
+
+One optimizer step: forward (bf16 autocast on GPU, fp32 on CPU) -> CE + MTP + balance loss ->
+backward -> gradient sync the plan needs beyond FSDP2 -> global-norm clip -> loss-free bias
+update from the all-reduced token counts -> Muon/AdamW step -> schedule step -> metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch._dynamo
+import torch.distributed as dist
+
+from glmc.api import build_torch, compile_graph, resolve_spec
+from glmc.errors import GlmcError
+from glmc.ir import flops_per_token
+from glmc.train import balance, checkpoint
+from glmc.train.config import TrainConfig
+from glmc.train.data import PackedData, check_vocab, list_files, load_tokens, make_tokenizer
+from glmc.train.losses import training_loss
+from glmc.train.optim import build_optimizers, build_schedulers, clip_grad_norm
+from glmc.train.parallel import parallelize, replicas, sync_grads
+from glmc.train.plan import Dist, ParallelPlan, plan_from_graph, setup, teardown, world_from_env
+from glmc.train.telemetry import Telemetry, default_peak_tflops
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    records: list[dict[str, Any]] = field(default_factory=list)  # this run's steps
+    checkpoint: Path | None = None
+    hf_dir: Path | None = None
+
+
+def resolve_plan(cfg: TrainConfig, from_graph: ParallelPlan | None, world: int) -> ParallelPlan:
+    if from_graph is not None:
+        if (cfg.dp is not None and cfg.dp != from_graph.dp) or (cfg.ep != 1 and cfg.ep != from_graph.ep):
+            raise GlmcError(
+                f"--dp/--ep ({cfg.dp}, {cfg.ep}) disagree with the shard pass's plan "
+                f"(dp={from_graph.dp}, ep={from_graph.ep}); give one or the other"
+            )
+        return from_graph
+    return ParallelPlan(dp=cfg.dp if cfg.dp is not None else world, ep=cfg.ep)
+
+
+def _resume_path(cfg: TrainConfig) -> Path | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        return checkpoint.latest(cfg.run_dir)  # none yet: a fresh start
+    return Path(cfg.resume)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    if bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    spec = resolve_spec(cfg.spec)
+    graph = compile_graph(spec, cfg.pipeline)
+    _, world, _ = world_from_env()
+    plan = resolve_plan(cfg, plan_from_graph(graph), world)
+    num_experts = spec.moe.num_experts if spec.moe is not None else None
+    d = setup(plan, num_experts)
+    try:
+        return _train(cfg, spec, graph, d)
+    finally:
+        teardown(d)
+
+
+def _prepare_data(cfg: TrainConfig, vocab_size: int, d: Dist) -> tuple[PackedData, dict[str, Any]]:
+    tok = make_tokenizer(cfg.tokenizer)
+    check_vocab(tok, vocab_size)
+    if cfg.batch_size % d.plan.dp:
+        raise GlmcError(
+            f"--batch-size {cfg.batch_size} must be a multiple of the data-parallel degree {d.plan.dp}"
+        )
+    files = list_files(cfg.data, cfg.include, cfg.exclude)
+    tokens = load_tokens(files, tok, cfg.max_bytes)
+    data = PackedData.pack(tokens, cfg.seq_len, cfg.seed)
+    data.check(cfg.batch_size)
+    info = {
+        "tokenizer": tok.name,
+        "tokenizer_vocab": tok.vocab_size,
+        "files": len(files),
+        "tokens": int(tokens.numel()),
+        "seq_len": cfg.seq_len,
+        "num_sequences": data.num_sequences,
+    }
+    return data, info
+
+
+def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
+    data, data_info = _prepare_data(cfg, spec.vocab_size, d)
+    resume = _resume_path(cfg)
+    state = checkpoint.read_trainer_state(resume) if resume is not None else None
+    if state is not None and state.data.get("seq_len") != cfg.seq_len:
+        raise GlmcError(
+            f"{resume}: written with seq_len {state.data.get('seq_len')}, this run has {cfg.seq_len}"
+        )
+    if state is not None and state.step >= cfg.steps:
+        raise GlmcError(f"{resume}: already at step {state.step}; --steps {cfg.steps} leaves nothing to run")
+
+    torch.manual_seed(cfg.seed)
+    lm = build_torch(spec, dtype=torch.float32, seed=cfg.seed).to(d.device)
+    lm.train()
+    rs = balance.routers(lm)
+    if cfg.init_router_bias is not None:
+        with torch.no_grad():
+            for r in rs:
+                if r.e_score_correction_bias is not None:
+                    r.e_score_correction_bias.copy_(torch.tensor(cfg.init_router_bias))
+    if cfg.compile:
+        torch._dynamo.config.capture_scalar_outputs = True  # EP split sizes come from .tolist()
+    module = parallelize(
+        lm,  # type: ignore[arg-type]
+        d,
+        compile=cfg.compile,
+        activation_checkpoint=cfg.activation_checkpoint,
+        fsdp=cfg.fsdp,
+    )
+    opts = build_optimizers(module, cfg)
+    scheds = build_schedulers(opts, cfg)
+    params = list(module.parameters())
+    reps = replicas(module, d)
+    start = 0
+    if resume is not None and state is not None:
+        checkpoint.load(resume, module, opts, d)
+        for s, sd in zip(scheds, state.schedulers, strict=True):
+            s.load_state_dict(sd)
+        start = state.step
+
+    peak, peak_note = (
+        (cfg.peak_tflops, f"{cfg.peak_tflops} TFLOP/s (given)")
+        if cfg.peak_tflops
+        else default_peak_tflops(d.device)
+    )
+    train_flops = flops_per_token(graph, cfg.seq_len)["training"]
+    tele = Telemetry(cfg.run_dir, d.is_main, cfg.progress, cfg.steps, start, cfg.log_every)
+    tele.say(
+        f"[bold]glmc train[/] {spec.name}: {data_info['tokens']:,} tokens from {data_info['files']} files "
+        f"({data_info['num_sequences']:,} sequences of {cfg.seq_len}); plan dp={d.plan.dp} ep={d.plan.ep}; "
+        f"global batch {cfg.batch_size}; {cfg.optimizer}; compile={cfg.compile}; device {d.device}; "
+        f"MFU peak: {peak_note}" + (f"; resuming at step {start} from {resume}" if start else "")
+    )
+    result = TrainResult(cfg.run_dir)
+    top_k = spec.moe.top_k if spec.moe is not None else 1
+    dp = d.plan.dp
+    try:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            ids, labels = data.batch(step, cfg.batch_size, d.dp_rank, dp)
+            ids, labels = ids.to(d.device), labels.to(d.device)
+            with _autocast(cfg, d.device):
+                logits, mtp_logits, stats = module(ids, with_stats=cfg.balance_loss > 0)
+            losses = training_loss(
+                logits, mtp_logits, stats, labels,
+                mtp_weight=cfg.mtp_weight, balance_weight=cfg.balance_loss, top_k=top_k,
+            )  # fmt: skip
+            losses.total.backward()
+            sync_grads(module, d, cfg.fsdp)
+            gnorm = clip_grad_norm(params, reps, cfg.grad_clip)
+            counts = balance.global_counts(rs) if rs else None
+            if counts is not None:
+                balance.update_bias(rs, counts, cfg.bias_update_rate)
+            lr = scheds[0].get_last_lr()[0]
+            for o in opts:
+                o.step()
+            for s in scheds:
+                s.step()
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            vals = torch.stack([
+                losses.total.detach().float(),
+                losses.lm.detach().float(),
+                (losses.mtp if losses.mtp is not None else torch.zeros(())).detach().float().to(d.device),
+                (losses.balance if losses.balance is not None else torch.zeros(())).detach().float().to(d.device),
+            ])  # fmt: skip
+            if d.world > 1:
+                dist.all_reduce(vals)
+                vals /= dp
+            total, lm_loss, mtp_loss, bal_loss = vals.tolist()
+            dt = time.perf_counter() - t0
+            tok_s = cfg.batch_size * cfg.seq_len / dt
+            imb = balance.imbalance(counts) if counts is not None else []
+            rec: dict[str, Any] = {
+                "step": step + 1,
+                "loss": total,
+                "lm_loss": lm_loss,
+                "mtp_loss": mtp_loss if losses.mtp is not None else None,
+                "balance_loss": bal_loss if losses.balance is not None else None,
+                "lr": lr,
+                "grad_norm": gnorm,
+                "tokens_per_s": tok_s,
+                "mfu": tok_s * train_flops / (peak * 1e12 * d.world),
+                "load_imbalance": imb,
+                "load_imbalance_mean": sum(imb) / len(imb) if imb else None,
+                "step_time_s": dt,
+            }
+            result.records.append(rec)
+            tele.log(rec)
+            done = step + 1
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+                ts = checkpoint.TrainerState(done, [s.state_dict() for s in scheds], cfg.to_dict(), data_info)
+                result.checkpoint = checkpoint.save(cfg.run_dir, module, opts, ts, d, cfg.keep_checkpoints)
+        if cfg.export_hf:
+            result.hf_dir = checkpoint.export_hf(module, spec, cfg.run_dir / "hf", d)
+            if result.hf_dir is not None:
+                tele.say(f"wrote the Hugging Face checkpoint {result.hf_dir}")
+    finally:
+        tele.close()
+    return result

@@ -1,0 +1,120 @@
+"""Pieces of the trainer: sampler, tokenizer, losses, Muon, schedule, plan checks."""
+
+import math
+
+import pytest
+import torch
+
+from glmc.errors import GlmcError
+from glmc.train.data import ByteTokenizer, PackedData, check_vocab
+from glmc.train.losses import mtp_loss, sequence_balance_loss
+from glmc.train.optim import Muon, lr_factor, newton_schulz
+from glmc.train.plan import ParallelPlan
+
+
+def test_sampler_shards_the_global_batch_and_is_deterministic():
+    data = PackedData.pack(torch.arange(10_000, dtype=torch.int32), seq_len=15, seed=3)
+    for step in (0, 7, 1000):  # 1000 is past the first epoch
+        whole, _ = data.batch(step, 8, 0, 1)
+        parts = [data.batch(step, 8, r, 4)[0] for r in range(4)]
+        assert torch.equal(torch.cat(parts), whole)
+    ids, labels = data.batch(5, 8, 0, 1)
+    assert torch.equal(ids[:, 1:], labels[:, :-1]) and ids.shape == (8, 15)
+    assert not torch.equal(data.batch(0, 8, 0, 1)[0], data.batch(1, 8, 0, 1)[0])
+
+
+def test_byte_tokenizer_round_trip_and_vocab_check():
+    tok = ByteTokenizer()
+    assert tok.decode(tok.encode("déjà vu")) == "déjà vu"
+    check_vocab(tok, 258)
+    with pytest.raises(GlmcError, match="258 tokens but the model's vocab_size is 200"):
+        check_vocab(tok, 200)
+
+
+def test_mtp_loss_predicts_two_ahead():
+    V, labels = 7, torch.randint(0, 7, (2, 6))
+    onehot = torch.nn.functional.one_hot(labels[:, 1:], V).float() * 50  # [B, S-1, V]
+    assert mtp_loss([onehot], labels) < 1e-6  # MTP position t is scored against labels[t+1]
+
+
+def test_sequence_balance_loss_matches_the_formula():
+    B, T, E, k = 2, 5, 4, 2
+    scores = torch.rand(B, T, E)
+    want = 0.0
+    for b in range(B):
+        s = scores[b]
+        top = s.topk(k, -1).indices
+        f = torch.tensor([(top == i).sum().item() for i in range(E)]) * E / (k * T)
+        p = (s / s.sum(-1, keepdim=True)).mean(0)
+        want += float((f * p).sum()) / B
+    got = sequence_balance_loss([(scores, scores.topk(k, -1).indices)], k)
+    assert math.isclose(float(got), want, rel_tol=1e-6)
+    assert math.isclose(
+        float(sequence_balance_loss([(torch.full((1, 8, E), 0.5), None)], k)), 1.0, rel_tol=1e-6
+    )
+
+
+def test_newton_schulz_matches_torch_muon_and_batches_over_experts():
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    g = torch.randn(3, 24, 40)
+    args = ((3.4445, -4.7750, 2.0315), 5, 1e-7)
+    got = newton_schulz(g, *args)
+    for e in range(3):  # torch's runs in bf16, ours in fp32 on CPU
+        torch.testing.assert_close(
+            got[e], _zeropower_via_newtonschulz(g[e], *args).float(), atol=0.03, rtol=0.05
+        )
+    tall = torch.randn(40, 24)
+    torch.testing.assert_close(
+        newton_schulz(tall, *args), _zeropower_via_newtonschulz(tall, *args).float(), atol=0.03, rtol=0.05
+    )
+
+
+def test_muon_steps_stacked_expert_weights():
+    w = torch.nn.Parameter(torch.randn(4, 8, 16))
+    opt = Muon([w], lr=0.1)
+    before = w.detach().clone()
+    w.grad = torch.randn_like(w)
+    opt.step()
+    assert not torch.equal(before, w.detach())
+    with pytest.raises(ValueError, match="2-D or stacked 3-D"):
+        Muon([torch.nn.Parameter(torch.randn(5))])
+
+
+def test_warmup_then_cosine():
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_plan_checks_name_the_problem():
+    ParallelPlan(dp=4, ep=2).check(4, 8)
+    with pytest.raises(GlmcError, match="needs dp\\*tp\\*pp = 4 processes but the launch has 2"):
+        ParallelPlan(dp=4).check(2, 8)
+    with pytest.raises(GlmcError, match="8 experts do not split evenly over ep=3"):
+        ParallelPlan(dp=3, ep=3).check(3, 8)
+    with pytest.raises(GlmcError, match="tensor and pipeline parallel"):
+        ParallelPlan(dp=1, tp=2).check(2, 8)
+
+
+def test_plan_comes_from_the_shard_pass():
+    from glmc import presets
+    from glmc.api import compile_graph
+    from glmc.train.plan import plan_from_graph
+
+    tiny = presets.get("glm-tiny")
+    assert plan_from_graph(compile_graph(tiny)) is None
+    # The pass's ep axis is data-parallel for dense weights: 2 data-parallel ranks, EP over both.
+    assert plan_from_graph(compile_graph(tiny, "shard{dp=1,ep=2}")) == ParallelPlan(dp=2, ep=2)
+    assert plan_from_graph(compile_graph(tiny, "shard{dp=2,ep=2}")) == ParallelPlan(dp=4, ep=2)
+
+
+def test_a_shard_plan_that_does_not_fit_the_launch_stops_the_cli(tmp_path, corpus, capsys):
+    from glmc.cli import main
+
+    argv = ["train", "glm-tiny", "--data", str(corpus), "-o", str(tmp_path / "r"), "--no-compile",
+            "--pipeline", "shard{ep=2}"]  # fmt: skip
+    assert main(argv) == 2
+    assert "needs dp*tp*pp = 2 processes but the launch has 1" in capsys.readouterr().err
