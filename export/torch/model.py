@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from glmc.ir import GlmcError, Graph, Node, Op
 
 from .moe import moe_experts, route
+from .moe_static import moe_experts_static
 
 KV = tuple[Tensor, Tensor]  # one layer's cache: k, v [B, nkv, P, d]
 
@@ -172,7 +173,8 @@ class Router(nn.Module):
 
     def scores(self, x: Tensor) -> Tensor:
         """Unbiased sigmoid scores [T, E] in fp32 (for the sequence-level balance loss)."""
-        return F.linear(x.float(), self.weight.float()).sigmoid()
+        with torch.autocast(x.device.type, enabled=False):  # fp32 even under bf16 autocast
+            return F.linear(x.float(), self.weight.float()).sigmoid()
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # Keep the correction bias and the counts in fp32 through model.to(dtype), as every runtime does.
@@ -191,8 +193,12 @@ class Experts(nn.Module):
         e, h, i = n.attr("num_experts"), n.attr("hidden"), n.attr("intermediate_size")
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        # Graph exporters flip this (moe_static.static_moe) for shapes that do not depend on routing.
+        self.static_shapes = False
 
     def forward(self, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+        if self.static_shapes:
+            return moe_experts_static(x, self.gate_up_proj, self.down_proj, ids, weights)
         return moe_experts(x, self.gate_up_proj, self.down_proj, ids, weights)
 
 

@@ -1,0 +1,85 @@
+"""Trace the decoder and MTP step modules into ONNX graphs (torch.onnx dynamo exporter).
+
+fp32 only: ONNX Runtime's CPU provider lacks bf16 kernels for ops this graph needs (Expand),
+so bf16 weights are upcast before export. The MoE runs on the static-shape path
+(`moe_static`): the grouped-GEMM path has no ONNX lowering.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from glmc.ir import GlmcError
+
+from ..steps import DecoderStep, MTPStep, example_inputs, kv_names
+from ..torch.model import GLMForCausalLM
+from ..torch.moe_static import static_moe
+
+OPSET = 20
+DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids")
+MTP_INPUTS = ("input_ids", "hidden_states", "attention_mask", "position_ids")
+
+
+def _dims(max_len: int) -> tuple[object, object, object, object]:
+    from torch.export import Dim
+
+    # Batch, new tokens, cached tokens, total tokens. Past may be 0 (prefill with an empty cache,
+    # as ONNX Runtime GenAI does); tracing uses sizes > 1 so nothing specialises on 0 or 1.
+    return (
+        Dim("batch", min=1, max=1024),
+        Dim("sequence", min=1, max=max_len),
+        Dim("past_sequence", min=0, max=max_len),
+        Dim.DYNAMIC,
+    )
+
+
+def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], dyn: tuple[object, ...],
+            inputs: list[str], outputs: list[str], path: Path) -> None:  # fmt: skip
+    quiet = io.StringIO()
+    # The exporter logs one line per optional torchvision op it cannot register; not ours.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module, args, dynamic_shapes=dyn, input_names=inputs, output_names=outputs,
+                dynamo=True, opset_version=OPSET, verbose=False,
+            )  # fmt: skip
+    except Exception as e:  # the exporter's own errors are long; keep the first line and the op
+        raise GlmcError(f"ONNX export of {path.name} failed: {str(e).splitlines()[0]}") from e
+    finally:
+        registration.setLevel(level)
+    assert program is not None
+    # external_data=None: weights move to a `.data` file only past protobuf's 2 GiB limit.
+    program.save(str(path))
+
+
+def export_decoder(model: GLMForCausalLM, path: Path, max_len: int) -> None:
+    """model.onnx: (input_ids, attention_mask, position_ids, past_key_values.*) ->
+    (logits, hidden_states, present.*)."""
+    n = len(model.model.layers)
+    b, s, p, t = _dims(max_len)
+    dyn = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in range(2 * n)))
+    inputs = [*DECODER_INPUTS, *kv_names("past_key_values", n)]
+    outputs = ["logits", "hidden_states", *kv_names("present", n)]
+    with static_moe(model):
+        _export(DecoderStep(model), example_inputs(model, 2, 3, 3), dyn, inputs, outputs, path)
+
+
+def export_mtp(model: GLMForCausalLM, path: Path, max_len: int) -> None:
+    """mtp.onnx: (input_ids, hidden_states, attention_mask, position_ids, past_key_values.0.*) ->
+    (logits, hidden_states_out, present.0.*)."""
+    b, s, p, t = _dims(max_len)
+    dyn = ({0: b, 1: s}, {0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, {0: b, 2: p}, {0: b, 2: p})
+    inputs = [*MTP_INPUTS, *kv_names("past_key_values", 1)]
+    outputs = ["logits", "hidden_states_out", *kv_names("present", 1)]
+    with static_moe(model):
+        _export(MTPStep(model), example_inputs(model, 2, 3, 3, mtp=True), dyn, inputs, outputs, path)

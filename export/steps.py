@@ -1,0 +1,103 @@
+"""Flat-tensor step modules that the graph exporters (ONNX, AOTInductor, Torch-TensorRT) trace.
+
+A serving runtime calls a graph with a flat list of tensors, not glmc's list of (k, v) pairs,
+so these wrap `GLMForCausalLM.forward_cached` / `mtp_cached` with the ONNX Runtime GenAI
+naming: inputs `input_ids`, `attention_mask`, `position_ids`, `past_key_values.{i}.key/value`;
+outputs `logits`, `hidden_states`, `present.{i}.key/value`. Shapes: ids/positions [B, S]
+int64, attention_mask [B, P+S] int64 (1 = real token), KV [B, nkv, P, d].
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from .torch.model import GLMForCausalLM
+
+
+def kv_names(prefix: str, layers: int, key: str = "key", value: str = "value") -> list[str]:
+    """`past_key_values.0.key, past_key_values.0.value, ...` (or `present.*`)."""
+    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in (key, value)]
+
+
+def _pairs(flat: tuple[Tensor, ...]) -> list[tuple[Tensor, Tensor]]:
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
+def _flat(pairs: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+    return [t for kv in pairs for t in kv]
+
+
+class DecoderStep(nn.Module):
+    """(input_ids, attention_mask, position_ids, *past) -> (logits, hidden_states, *present).
+    One graph for prefill (P = 0) and decode/verify (P > 0)."""
+
+    def __init__(self, model: GLMForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+        self.num_layers = len(model.model.layers)
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, *past: Tensor
+    ) -> tuple[Tensor, ...]:
+        logits, h, presents = self.model.forward_cached(input_ids, position_ids, _pairs(past), attention_mask)
+        return (logits, h, *_flat(presents))
+
+
+class PrefillStep(nn.Module):
+    """(input_ids, attention_mask, position_ids) -> (logits, hidden_states, *present): the
+    empty cache is built inside, so the graph has no zero-length inputs."""
+
+    def __init__(self, model: GLMForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> tuple[Tensor, ...]:
+        past = self.model.empty_cache(input_ids.shape[0])
+        logits, h, presents = self.model.forward_cached(input_ids, position_ids, past, attention_mask)
+        return (logits, h, *_flat(presents))
+
+
+class MTPStep(nn.Module):
+    """(input_ids, hidden_states, attention_mask, position_ids, past_key, past_value) ->
+    (logits, hidden_states_out, present_key, present_value): MTP layer 0 over new positions.
+    input_ids are the tokens *after* the positions whose trunk (or chained MTP) hidden states
+    are given; logits predict one token further."""
+
+    def __init__(self, model: GLMForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        hidden_states: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor,
+        past_key: Tensor,
+        past_value: Tensor,
+    ) -> tuple[Tensor, ...]:
+        logits, z, (k, v) = self.model.mtp_cached(
+            input_ids, hidden_states, position_ids, (past_key, past_value), attention_mask
+        )
+        return logits, z, k, v
+
+
+def example_inputs(
+    model: GLMForCausalLM, batch: int, seq: int, past: int, mtp: bool = False
+) -> tuple[Tensor, ...]:
+    """Random example tensors for tracing (fresh values: never zeros)."""
+    vocab = model.model.embed_tokens.num_embeddings
+    ids = torch.randint(0, vocab, (batch, seq))
+    pos = (torch.arange(seq) + past).expand(batch, seq).contiguous()
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    dtype = model.model.embed_tokens.weight.dtype
+    layers: Any = model.model.mtp if mtp else model.model.layers
+    att = cast(Any, layers[0]).self_attn
+    kv = [torch.randn(batch, att.nkv, past, att.d, dtype=dtype) for _ in range(2 * len(layers))]
+    if mtp:
+        h = torch.randn(batch, seq, model.model.norm.weight.shape[0], dtype=dtype)
+        return (ids, h, mask, pos, *kv)
+    return (ids, mask, pos, *kv)

@@ -1,0 +1,102 @@
+"""The `trtllm-serve` / `LLM(...)` options file: parallelism from the shard plan, KV-cache
+dtype, and MTP speculation (one MTP layer reused for `draft_tokens` drafts: TensorRT-LLM's
+MTP-Eagle mode), with relaxed acceptance inside GLM's `<think>` span when the ids are known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from glmc.ir import GlmcError
+
+from .schema import KV_CACHE_CONFIG, KV_CACHE_DTYPES, MTP_DECODING_CONFIG, TOP_LEVEL, check_fields
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    tp: int = 1  # GPUs per pipeline stage (TensorRT-LLM's tensor_parallel_size)
+    ep: int = 1  # expert parallel size; the experts' own TP is tp // ep
+    pp: int = 1
+    attention_dp: bool = False
+    kv_cache_dtype: str = "auto"
+    draft_tokens: int = 3  # 0 disables MTP speculation
+    think_ids: tuple[int, int] | None = None  # (<think>, </think>) for relaxed acceptance
+    max_batch_size: int = 64
+    max_num_tokens: int = 8192
+    max_seq_len: int = 4096
+    free_gpu_memory_fraction: float = 0.85
+
+
+def llm_api_options(o: ServeOptions, num_experts: int, has_mtp: bool) -> dict[str, Any]:
+    """The options dict (YAML for `--extra_llm_api_options`, or kwargs for `LLM`)."""
+    if o.tp < 1 or o.ep < 1 or o.tp % o.ep:
+        raise GlmcError(f"trtllm: expert parallel size ep={o.ep} must divide tensor parallel size tp={o.tp}")
+    if num_experts and num_experts % o.ep:
+        raise GlmcError(f"trtllm: ep={o.ep} must divide the routed experts ({num_experts})")
+    if o.kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise GlmcError(
+            f"trtllm: kv cache dtype {o.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}"
+        )
+    opts: dict[str, Any] = {
+        # TensorRT-LLM's MoE mapping: tp ranks split as moe_tp x moe_ep for the experts.
+        "tensor_parallel_size": o.tp,
+        "pipeline_parallel_size": o.pp,
+        "moe_expert_parallel_size": o.ep,
+        "moe_tensor_parallel_size": o.tp // o.ep,
+        "enable_attention_dp": o.attention_dp,
+        "max_batch_size": o.max_batch_size,
+        "max_num_tokens": o.max_num_tokens,
+        "max_seq_len": o.max_seq_len,
+        "kv_cache_config": {
+            "dtype": o.kv_cache_dtype,
+            "free_gpu_memory_fraction": o.free_gpu_memory_fraction,
+        },
+    }
+    if o.draft_tokens and has_mtp:
+        spec: dict[str, Any] = {"decoding_type": "MTP", "num_nextn_predict_layers": o.draft_tokens}
+        if o.think_ids is not None:
+            spec |= {
+                "use_relaxed_acceptance_for_thinking": True,
+                "relaxed_topk": 10,  # TensorRT-LLM's documented example values
+                "relaxed_delta": 0.01,
+                "begin_thinking_phase_token": o.think_ids[0],
+                "end_thinking_phase_token": o.think_ids[1],
+            }
+        opts["speculative_config"] = spec
+    problems = validate_options(opts)
+    if problems:
+        raise GlmcError("trtllm options do not match TensorRT-LLM's fields: " + "; ".join(problems))
+    return opts
+
+
+def validate_options(opts: dict[str, Any]) -> list[str]:
+    """Check the options against the documented TensorRT-LLM fields (no tensorrt_llm needed)."""
+    problems = check_fields("", opts, TOP_LEVEL)
+    kv = opts.get("kv_cache_config", {})
+    problems += check_fields("kv_cache_config.", kv, KV_CACHE_CONFIG)
+    if kv.get("dtype", "auto") not in KV_CACHE_DTYPES:
+        problems.append(f"kv_cache_config.dtype: {kv['dtype']!r} not in {KV_CACHE_DTYPES}")
+    spec = opts.get("speculative_config")
+    if spec is not None:
+        problems += check_fields("speculative_config.", spec, MTP_DECODING_CONFIG)
+        if spec.get("decoding_type") != "MTP":
+            problems.append("speculative_config.decoding_type: must be 'MTP'")
+        if spec.get("num_nextn_predict_layers", 1) < 1:
+            problems.append("speculative_config.num_nextn_predict_layers: must be positive")
+    return problems
+
+
+def validate_with_tensorrt_llm(model_dir: str, opts: dict[str, Any]) -> Any:
+    """Build TensorRT-LLM's own argument object from the options (tensorrt_llm required)."""
+    from tensorrt_llm.llmapi.llm_args import TorchLlmArgs
+
+    kwargs = dict(opts)
+    spec = kwargs.pop("speculative_config", None)
+    if spec is not None:
+        from tensorrt_llm.llmapi import MTPDecodingConfig
+
+        kwargs["speculative_config"] = MTPDecodingConfig(
+            **{k: v for k, v in spec.items() if k != "decoding_type"}
+        )
+    return TorchLlmArgs(model=model_dir, **kwargs)

@@ -1,0 +1,19 @@
+"""Running glmc artifacts: a KV-cache decoding loop with MTP speculation over the torch,
+AOTInductor and ONNX Runtime artifacts (`glmc generate`), and the deployment targets'
+emitters (`emit`, used by `glmc build`). Imports torch on use, onnxruntime only for onnx."""
+
+from glmc.runtime.artifact import Artifact, open_artifact
+from glmc.runtime.decode import MAX_DRAFT_TOKENS, Stats, generate
+from glmc.runtime.sampling import Sampling
+from glmc.runtime.tokenizer import ByteTokenizer, load_tokenizer
+
+__all__ = [
+    "MAX_DRAFT_TOKENS",
+    "Artifact",
+    "ByteTokenizer",
+    "Sampling",
+    "Stats",
+    "generate",
+    "load_tokenizer",
+    "open_artifact",
+]

@@ -1,0 +1,118 @@
+"""Open a `glmc build` output folder (or one target's subfolder) as a decoding Backend.
+
+Target folders that are not a checkpoint (onnx, aoti, torch-trt) carry `glmc_runtime.json`:
+the target, its files and the spec, so they run without the rest of the build folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from glmc.errors import CheckpointError, GlmcError
+from glmc.runtime.backend import Backend, TorchBackend
+from glmc.spec import ModelSpec
+
+RUNTIME_FILE = "glmc_runtime.json"
+BUILD_FILE = "build.json"
+# Which target `glmc generate BUILD_FOLDER` runs when --target is not given.
+PREFERENCE = ("torch", "hf", "trtllm", "aoti", "onnx")
+RUNNABLE = {"torch", "hf", "trtllm", "aoti", "onnx"}
+
+
+@dataclass
+class Artifact:
+    backend: Backend
+    folder: Path
+    target: str
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.backend.spec
+
+
+def write_manifest(out: Path, target: str, spec: ModelSpec, files: dict[str, str], **extra: Any) -> None:
+    data = {"target": target, "files": files, "spec": spec.model_dump(mode="json"), **extra}
+    (out / RUNTIME_FILE).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def open_artifact(path: str | Path, target: str | None = None) -> Artifact:
+    p = Path(path)
+    if not p.is_dir():
+        raise GlmcError(f"artifact folder not found: {p}")
+    if (p / BUILD_FILE).is_file():
+        return _open_build(p, target)
+    found = _kind(p)
+    if found is None:
+        raise GlmcError(
+            f"{p} is not a glmc artifact: expected {BUILD_FILE} (a build folder), {RUNTIME_FILE} (an onnx or "
+            "aoti target folder), glmc_spec.json (a torch artifact) or config.json (a Hugging Face checkpoint)"
+        )
+    if target is not None and target != found:
+        raise GlmcError(f"{p} holds a {found} artifact, not {target}")
+    return _open(p, found)
+
+
+def _open_build(p: Path, target: str | None) -> Artifact:
+    present = [t for t in PREFERENCE if (p / t).is_dir()]
+    if target is not None:
+        if target not in RUNNABLE:
+            raise GlmcError(f"--target {target}: generate runs {', '.join(sorted(RUNNABLE))}")
+        if target not in present:
+            raise GlmcError(f"{p} has no {target}/ folder (it has: {', '.join(present) or 'none'})")
+        return _open(p / target, target)
+    if not present:
+        raise GlmcError(f"build folder {p} has no runnable target folder ({', '.join(PREFERENCE)})")
+    return _open(p / present[0], present[0])
+
+
+def _kind(p: Path) -> str | None:
+    if (p / RUNTIME_FILE).is_file():
+        return str(_manifest(p)["target"])
+    if (p / "glmc_spec.json").is_file():
+        return "torch"
+    if (p / "config.json").is_file():
+        return "hf"
+    return None
+
+
+def _manifest(p: Path) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads((p / RUNTIME_FILE).read_text())
+        for key in ("target", "files", "spec"):
+            data[key]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{p / RUNTIME_FILE}: unreadable or incomplete ({e})") from None
+    return data
+
+
+def _open(p: Path, target: str) -> Artifact:
+    if target in ("torch", "hf", "trtllm"):
+        from glmc.api import from_pretrained
+
+        model = from_pretrained(p)
+        return Artifact(TorchBackend(model, model.spec), p, target)  # type: ignore[arg-type]
+    if target not in RUNNABLE:
+        raise GlmcError(
+            f"{p} is a {target} artifact, which generate cannot run here (it runs {', '.join(sorted(RUNNABLE))})"
+        )
+    m = _manifest(p)
+    spec = ModelSpec.from_dict(m["spec"], source=str(p / RUNTIME_FILE))
+    files: dict[str, str] = m["files"]
+    missing = [f for f in files.values() if not (p / f).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{p}: the {target} artifact is missing {', '.join(missing)} (listed in {RUNTIME_FILE})"
+        )
+    if target == "onnx":
+        from glmc.runtime.backend_onnx import OnnxBackend
+
+        try:
+            return Artifact(OnnxBackend(p, spec, files), p, target)
+        except ModuleNotFoundError:
+            raise GlmcError("running an onnx artifact needs onnxruntime: pip install 'glmc[onnx]'") from None
+    from glmc.runtime.backend_aoti import AotiBackend
+
+    return Artifact(AotiBackend(p, spec, files), p, target)

@@ -1,0 +1,68 @@
+"""ONNX Runtime (CPU) as a decoding backend: model.onnx for the trunk, mtp.onnx for drafting.
+Tensors cross as numpy arrays (zero-copy back into torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from glmc.runtime.backend import KV, empty_kv
+from glmc.spec import ModelSpec
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def __init__(self, folder: Path, spec: ModelSpec, files: dict[str, str], threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.spec = spec
+        providers = ["CPUExecutionProvider"]
+        self._decoder: Any = ort.InferenceSession(str(folder / files["decoder"]), opts, providers=providers)
+        self._mtp: Any = (
+            ort.InferenceSession(str(folder / files["mtp"]), opts, providers=providers)
+            if "mtp" in files
+            else None
+        )
+        self._dec_in = [i.name for i in self._decoder.get_inputs()]
+        self._mtp_in = [i.name for i in self._mtp.get_inputs()] if self._mtp is not None else []
+
+    @property
+    def has_mtp(self) -> bool:
+        return self._mtp is not None
+
+    def empty_cache(self) -> list[KV]:
+        a = self.spec.attention
+        return empty_kv(self.spec.num_layers, a.num_kv_heads, a.head_dim)
+
+    def empty_mtp_cache(self) -> KV:
+        a = self.spec.attention
+        return empty_kv(1, a.num_kv_heads, a.head_dim)[0]
+
+    def forward(
+        self, ids: Tensor, positions: Tensor, past: list[KV], mask: Tensor
+    ) -> tuple[Tensor, Tensor, list[KV]]:
+        feeds = [ids, mask, positions, *[t for kv in past for t in kv]]
+        out = self._decoder.run(None, dict(zip(self._dec_in, map(_np, feeds), strict=True)))
+        t = [torch.from_numpy(o) for o in out]
+        return t[0], t[1], [(t[i], t[i + 1]) for i in range(2, len(t), 2)]
+
+    def mtp(
+        self, ids: Tensor, h: Tensor, positions: Tensor, past: KV, mask: Tensor
+    ) -> tuple[Tensor, Tensor, KV]:
+        feeds = [ids, h, mask, positions, past[0], past[1]]
+        out = self._mtp.run(None, dict(zip(self._mtp_in, map(_np, feeds), strict=True)))
+        logits, z, k, v = (torch.from_numpy(o) for o in out)
+        return logits, z, (k, v)
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.numpy())

@@ -1,0 +1,108 @@
+"""The ONNX target in ONNX Runtime: logits, hidden states and presents match glmc's torch model
+for prefill (empty past) and decode steps; the MTP graph matches `mtp_cached`; ONNX Runtime
+GenAI loads the folder and its greedy tokens equal `glmc generate`'s."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from glmc.cli import main
+from glmc.export.steps import kv_names
+
+pytestmark = pytest.mark.slow
+ort = pytest.importorskip("onnxruntime")
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _run(sess, feeds):
+    names = [i.name for i in sess.get_inputs()]
+    return [
+        torch.from_numpy(o)
+        for o in sess.run(
+            None, {n: np.ascontiguousarray(f.numpy()) for n, f in zip(names, feeds, strict=True)}
+        )
+    ]
+
+
+def test_graph_io_names(built):
+    sess = _session(built / "onnx" / "model.onnx")
+    assert [i.name for i in sess.get_inputs()] == [
+        "input_ids", "attention_mask", "position_ids", *kv_names("past_key_values", 3)
+    ]  # fmt: skip
+    assert [o.name for o in sess.get_outputs()] == ["logits", "hidden_states", *kv_names("present", 3)]
+    mtp = _session(built / "onnx" / "mtp.onnx")
+    assert [o.name for o in mtp.get_outputs()] == [
+        "logits",
+        "hidden_states_out",
+        "present.0.key",
+        "present.0.value",
+    ]
+
+
+def test_prefill_and_decode_match_torch(built, reference):
+    sess = _session(built / "onnx" / "model.onnx")
+    ids = torch.randint(0, 512, (2, 12))
+    pos = torch.arange(12).expand(2, 12)
+    past = reference.empty_cache(2)
+    onnx_past = [t for kv in past for t in kv]
+    for a, b in ((0, 7), (7, 8), (8, 9), (9, 12)):  # prefill with an empty past, then decode/verify
+        mask = torch.ones(2, b, dtype=torch.int64)
+        with torch.no_grad():
+            logits, h, past = reference.forward_cached(ids[:, a:b], pos[:, a:b], past, mask)
+        out = _run(sess, [ids[:, a:b], mask, pos[:, a:b].contiguous(), *onnx_past])
+        torch.testing.assert_close(out[0], logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out[1], h, rtol=1e-4, atol=1e-4)
+        for got, want in zip(out[2:], [t for kv in past for t in kv], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        onnx_past = out[2:]
+
+
+def test_mtp_graph_matches_torch(built, reference):
+    sess = _session(built / "onnx" / "mtp.onnx")
+    ids = torch.randint(0, 512, (1, 9))
+    h = torch.randn(1, 9, 64)
+    pos = torch.arange(9)[None]
+    past = reference.empty_cache(1, mtp=True)[0]
+    onnx_past = list(past)
+    for a, b in ((0, 6), (6, 7), (7, 9)):
+        mask = torch.ones(1, b, dtype=torch.int64)
+        with torch.no_grad():
+            logits, z, past = reference.mtp_cached(ids[:, a:b], h[:, a:b], pos[:, a:b], past, mask)
+        out = _run(sess, [ids[:, a:b], h[:, a:b].contiguous(), mask, pos[:, a:b].contiguous(), *onnx_past])
+        torch.testing.assert_close(out[0], logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out[1], z, rtol=1e-4, atol=1e-4)
+        onnx_past = out[2:]
+
+
+def test_genai_config(built):
+    cfg = json.loads((built / "onnx" / "genai_config.json").read_text())
+    assert cfg["model"]["type"] == "decoder"
+    assert cfg["search"]["past_present_share_buffer"] is False
+    assert cfg["model"]["decoder"]["num_hidden_layers"] == 3 and cfg["model"]["mtp"]["filename"] == "mtp.onnx"
+
+
+def test_onnxruntime_genai_greedy_equals_glmc_generate(built, capsys):
+    og = pytest.importorskip("onnxruntime_genai")
+    prompt = [5, 17, 42, 7, 300, 12]
+    new = 24
+    model = og.Model(str(built / "onnx"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    while not gen.is_done():
+        gen.generate_next_token()
+    genai_tokens = [int(t) for t in gen.get_sequence(0)][len(prompt) :]
+    ids = ",".join(map(str, prompt))
+    for extra in ([], ["--speculative", "mtp", "--draft-tokens", "2"]):
+        code = main(
+            ["generate", str(built / "onnx"), "--prompt-ids", ids, "--max-new-tokens", str(new), *extra]
+        )
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        assert [int(t) for t in out.splitlines()[0].split(",")] == genai_tokens
