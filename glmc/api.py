@@ -16,12 +16,13 @@ import torch
 
 from glmc import presets
 from glmc.errors import CheckpointError, GlmcError, SpecError
-from glmc.ir import Graph, format_graph, summary
+from glmc.ir import Graph, TrainingAssumptions, format_graph, per_rank_memory, summary
 from glmc.lower import lower
 from glmc.spec import ModelSpec
 
 GLMC_SPEC_FILE = "glmc_spec.json"  # marks a folder written by glmc; holds the ModelSpec
-TARGETS = ("torch", "hf")
+TARGETS = ("torch", "hf", "trtllm", "onnx", "aoti", "torch-trt")
+DEFAULT_TARGETS = ("torch", "hf")  # the deployment targets take minutes; ask for them by name
 
 
 def resolve_spec(spec: ModelSpec | str | Path | dict[str, Any]) -> ModelSpec:
@@ -49,13 +50,31 @@ def resolve_spec(spec: ModelSpec | str | Path | dict[str, Any]) -> ModelSpec:
 
 
 def inspect(
-    spec: ModelSpec | str | Path | dict[str, Any], pipeline: str | None = None, seq_len: int = 4096
+    spec: ModelSpec | str | Path | dict[str, Any],
+    pipeline: str | None = None,
+    seq_len: int = 4096,
+    training: TrainingAssumptions | None = None,
 ) -> dict[str, Any]:
-    """What `glmc inspect --json` prints: parameter counts, FLOPs and KV-cache bytes per token."""
+    """What `glmc inspect --json` prints: parameter counts, FLOPs and KV-cache bytes per token;
+    with a shard pass in `pipeline`, also `parallel`: the mesh, the pipeline stages and each
+    stage's per-rank parameter, gradient, optimizer and KV-cache bytes (`training` sets the
+    dtypes assumed for the training state)."""
     s = resolve_spec(spec)
     g = compile_graph(s, pipeline)
     info = summary(g, seq_len=seq_len)
-    return {"name": s.name, "pipeline": pipeline or "", "spec": s.model_dump(mode="json"), **info}
+    out = {"name": s.name, "pipeline": pipeline or "", "spec": s.model_dump(mode="json"), **info}
+    if g.attr("mesh", None) is not None:
+        out["parallel"] = per_rank_memory(g, training)
+    return out
+
+
+def convert(src: str | Path, out: str | Path, pipeline: str | None = None, **options: Any) -> dict[str, Any]:
+    """Stream checkpoint folder `src` into `out` in the layout `pipeline` describes (fused, FP8,
+    per-rank shards); `options` as for `glmc.convert.convert` (dtype, max_shard_bytes, force,
+    progress). Returns the manifest written to `out/glmc_convert.json` with byte counts and time."""
+    from glmc.convert import convert as convert_checkpoint
+
+    return convert_checkpoint(src, out, pipeline, **options)
 
 
 def compile_graph(spec: ModelSpec, pipeline: str | None = None, dtype: str = "bf16") -> Graph:
@@ -83,8 +102,11 @@ def build_torch(spec: ModelSpec, dtype: torch.dtype = torch.float32, seed: int |
 
 def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Load a Hugging Face layout folder (single or sharded safetensors, per-expert names, MTP
-    at layer index num_hidden_layers) or a folder written by glmc; `model.spec` is its spec."""
-    from glmc.export.hf import from_hf, open_checkpoint
+    at layer index num_hidden_layers) or a folder written by glmc (its torch artifact, or any
+    unsharded `glmc convert` output: fused, FP8 block128 or channel, dequantised on the CPU);
+    `model.spec` is its spec."""
+    from glmc.convert import CONVERT_FILE, open_source
+    from glmc.export.hf import TensorReader, from_hf, open_checkpoint, recipe_of
     from glmc.export.torch import build_model
 
     p = Path(path)
@@ -93,7 +115,14 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> tor
     if (p / GLMC_SPEC_FILE).is_file():
         return load_torch_artifact(p, dtype=dtype)
     spec = resolve_spec(p)
-    reader = open_checkpoint(p)
+    reader: TensorReader
+    source = None
+    config = json.loads((p / "config.json").read_text())
+    if (p / CONVERT_FILE).is_file() or recipe_of(config, str(p / "config.json")) is not None:
+        source = open_source(p)  # another layout, or FP8: read as (dequantised) Hugging Face tensors
+        reader = source.tensors
+    else:
+        reader = open_checkpoint(p)
     mtp_prefix = f"model.layers.{spec.num_layers}."
     if spec.num_mtp_layers and not any(k.startswith(mtp_prefix) for k in reader):
         # transformers never saves MTP weights; such a checkpoint is the trunk alone.
@@ -104,7 +133,11 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> tor
         )
         spec = spec.model_copy(update={"num_mtp_layers": 0})
     graph = lower(spec, dtype=_ir_dtype(dtype))
-    state = from_hf(graph, reader, dtype=dtype)
+    try:
+        state = from_hf(graph, reader, dtype=dtype)
+    finally:
+        if source is not None:
+            source.close()
     with torch.device("meta"):
         model = build_model(graph, dtype=dtype, device="meta")
     model.load_state_dict(state, strict=True, assign=True)
@@ -164,7 +197,7 @@ def build(
     out: str | Path,
     pipeline: str | None = None,
     weights: str | Path | None = None,
-    emit: Sequence[str] = TARGETS,
+    emit: Sequence[str] = DEFAULT_TARGETS,
     seed: int = 0,
     force: bool = False,
     dtype: str = "bf16",
@@ -234,12 +267,37 @@ def _emit_torch(spec: ModelSpec, graph: Graph, state: dict[str, torch.Tensor], o
 
 def _emit_hf(spec: ModelSpec, graph: Graph, state: dict[str, torch.Tensor], out: Path) -> None:
     out.mkdir(parents=True)
-    write_hf_folder(spec, graph, state, out)
+    if not any(graph.attr(k, None) is not None for k in ("weight_layout", "quantization", "mesh")):
+        write_hf_folder(spec, graph, state, out)
+        return
+    # The pipeline changes the checkpoint (fused, FP8 or per-rank): write it the way
+    # `glmc convert` does, from the Hugging Face tensors of the unpassed model.
+    from glmc.convert import CONVERT_FILE, _manifest, write_config, write_layout
+    from glmc.export.hf import DictCheckpoint, LogicalSource, plan_checkpoint, to_hf
+
+    plain = lower(spec, dtype=str(graph.attr("dtype")))
+    tensors = LogicalSource(DictCheckpoint(dict(to_hf(plain, state))), plan_checkpoint(plain), None)
+    write_layout(graph, tensors, out)
+    write_config(spec, graph, out)
+    manifest = _manifest(graph, ",".join(graph.attr("passes", ())), "glmc build")
+    (out / CONVERT_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _deploy_emitter(target: str) -> Callable[[ModelSpec, Graph, dict[str, torch.Tensor], Path], None]:
+    """Deployment targets (glmc.runtime.emit) load their optional dependencies on first use."""
+
+    def emit(spec: ModelSpec, graph: Graph, state: dict[str, torch.Tensor], out: Path) -> None:
+        from glmc.runtime import emit as deploy
+
+        getattr(deploy, "emit_" + target.replace("-", "_"))(spec, graph, state, out)
+
+    return emit
 
 
 _EMITTERS: dict[str, Callable[[ModelSpec, Graph, dict[str, torch.Tensor], Path], None]] = {
     "torch": _emit_torch,
     "hf": _emit_hf,
+    **{t: _deploy_emitter(t) for t in ("trtllm", "onnx", "aoti", "torch-trt")},
 }
 
 
@@ -289,7 +347,8 @@ def _publish_permissions(root: Path) -> None:
     os.umask(umask)
     root.chmod(0o777 & ~umask)
     for p in root.rglob("*"):
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+        executable = p.is_dir() or p.stat().st_mode & 0o100  # keep launch scripts runnable
+        p.chmod((0o777 if executable else 0o666) & ~umask)
 
 
 def _version() -> str:

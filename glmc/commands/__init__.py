@@ -2,4 +2,4 @@
 `run(args) -> exit code`; keep module tops light (import torch inside `run`).
 Add a verb by writing its module and listing it in COMMANDS."""
 
-COMMANDS = ["inspect", "build", "schema", "presets"]
+COMMANDS = ["inspect", "ir", "build", "convert", "schema", "presets", "generate", "train", "plot"]

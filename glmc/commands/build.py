@@ -17,7 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", help="passes to run before emitting")
     p.add_argument("--weights", type=Path, help="Hugging Face checkpoint folder; random init when absent")
     p.add_argument(
-        "--emit", default="torch,hf", help="comma-separated targets: torch, hf (default: torch,hf)"
+        "--emit",
+        default="torch,hf",
+        help="comma-separated targets: torch, hf, trtllm, onnx, aoti, torch-trt (default: torch,hf)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for random init (default 0)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
