@@ -5,7 +5,7 @@ emitters (`emit`, used by `glmc build`). Imports torch on use, onnxruntime only 
 from glmc.runtime.artifact import Artifact, open_artifact
 from glmc.runtime.decode import MAX_DRAFT_TOKENS, Stats, generate
 from glmc.runtime.sampling import Sampling
-from glmc.runtime.tokenizer import ByteTokenizer, load_tokenizer
+from glmc.tokenizer import ByteTokenizer, load_tokenizer
 
 __all__ = [
     "MAX_DRAFT_TOKENS",

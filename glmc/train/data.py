@@ -15,85 +15,12 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from glmc.errors import GlmcError
-
-
-class Tokenizer(Protocol):
-    name: str
-    vocab_size: int
-    eos_id: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
-
-
-class ByteTokenizer:
-    """UTF-8 bytes are ids 0..255; 256 = end of text, 257 = padding (never trained on)."""
-
-    name = "bytes"
-    vocab_size = 258
-    eos_id = 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def encode_bytes(self, data: bytes) -> Tensor:
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int32)
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-
-class HFTokenizer:
-    """A Hugging Face `tokenizer.json`, read with the `tokenizers` package."""
-
-    def __init__(self, path: str | Path) -> None:
-        try:
-            from tokenizers import Tokenizer as _Tok
-        except ImportError:  # pragma: no cover - transformers installs it
-            raise GlmcError("--tokenizer needs the `tokenizers` package (pip install tokenizers)") from None
-        p = Path(path)
-        if p.is_dir():
-            p = p / "tokenizer.json"
-        if not p.is_file():
-            raise GlmcError(f"tokenizer file not found: {p}")
-        try:
-            self._tok = _Tok.from_file(str(p))
-        except Exception as e:
-            raise GlmcError(f"{p}: not a Hugging Face tokenizer.json ({e})") from None
-        self.name = str(p)
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        eos = next(
-            (self._tok.token_to_id(t) for t in ("<|endoftext|>", "</s>", "<eos>", "<|eos|>")
-             if self._tok.token_to_id(t) is not None),
-            None,
-        )  # fmt: skip
-        self.eos_id = eos if eos is not None else self.vocab_size - 1
-
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
-
-    def decode(self, ids: list[int]) -> str:
-        return str(self._tok.decode(ids))
-
-
-def make_tokenizer(path: str | None) -> Tokenizer:
-    return ByteTokenizer() if path is None else HFTokenizer(path)
-
-
-def check_vocab(tok: Tokenizer, vocab_size: int) -> None:
-    if tok.vocab_size > vocab_size:
-        raise GlmcError(
-            f"tokenizer {tok.name} has {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}: "
-            "ids past the embedding table cannot be trained; pick a spec with vocab_size >= "
-            f"{tok.vocab_size} or a smaller tokenizer"
-        )
+from glmc.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, check_vocab, make_tokenizer
 
 
 def list_files(paths: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...]) -> list[Path]:
@@ -187,3 +114,15 @@ class PackedData:
         start = i * global_batch + dp_rank * local
         w = self.windows[perm[start : start + local]].long()
         return w[:, :-1], w[:, 1:]
+
+
+__all__ = [
+    "ByteTokenizer",
+    "HFTokenizer",
+    "PackedData",
+    "Tokenizer",
+    "check_vocab",
+    "list_files",
+    "load_tokens",
+    "make_tokenizer",
+]
