@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,20 @@ def resolve_spec(spec: ModelSpec | str | Path | dict[str, Any]) -> ModelSpec:
     raise SpecError(
         f"{text!r} is not a preset ({', '.join(presets.names())}), a spec file or a checkpoint folder"
     )
+
+
+def trunk_only_without_mtp(spec: ModelSpec, names: Iterable[str], where: Path, action: str) -> ModelSpec:
+    """`spec` without MTP layers when checkpoint `names` hold none of them (transformers never
+    saves MTP weights, so such a checkpoint is the trunk alone); warns when it drops them."""
+    prefix = f"model.layers.{spec.num_layers}."
+    if spec.num_mtp_layers and not any(k.startswith(prefix) for k in names):
+        warnings.warn(
+            f"{where}: config.json declares {spec.num_mtp_layers} MTP layer(s) but the checkpoint has no "
+            f"{prefix}* tensors; {action} without MTP layers",
+            stacklevel=3,
+        )
+        return spec.model_copy(update={"num_mtp_layers": 0})
+    return spec
 
 
 def inspect(
@@ -123,15 +137,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> tor
         reader = source.tensors
     else:
         reader = open_checkpoint(p)
-    mtp_prefix = f"model.layers.{spec.num_layers}."
-    if spec.num_mtp_layers and not any(k.startswith(mtp_prefix) for k in reader):
-        # transformers never saves MTP weights; such a checkpoint is the trunk alone.
-        warnings.warn(
-            f"{p}: config.json declares {spec.num_mtp_layers} MTP layer(s) but the checkpoint has no "
-            f"{mtp_prefix}* tensors; loading without MTP layers",
-            stacklevel=2,
-        )
-        spec = spec.model_copy(update={"num_mtp_layers": 0})
+    spec = trunk_only_without_mtp(spec, reader, p, "loading")
     graph = lower(spec, dtype=_ir_dtype(dtype))
     try:
         state = from_hf(graph, reader, dtype=dtype)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +72,7 @@ class Source:
 def open_source(path: str | Path) -> Source:
     """Open an unsharded checkpoint folder in any layout glmc reads, checking every tensor's
     name, shape and dtype against its config (no tensor data is read)."""
-    from glmc.api import GLMC_SPEC_FILE, resolve_spec
+    from glmc.api import GLMC_SPEC_FILE, resolve_spec, trunk_only_without_mtp
     from glmc.passes import FuseMoE
 
     p = Path(path)
@@ -95,15 +94,7 @@ def open_source(path: str | Path) -> Source:
     config = _read_json(p / "config.json")
     spec = resolve_spec(p)
     raw = StreamingCheckpoint(p)
-    mtp_prefix = f"model.layers.{spec.num_layers}."
-    if spec.num_mtp_layers and not any(k.startswith(mtp_prefix) for k in raw):
-        # transformers never saves MTP weights: such a checkpoint is the trunk alone (as in from_pretrained).
-        warnings.warn(
-            f"{p}: config.json declares {spec.num_mtp_layers} MTP layer(s) but the checkpoint has no "
-            f"{mtp_prefix}* tensors; converting without MTP layers",
-            stacklevel=2,
-        )
-        spec = spec.model_copy(update={"num_mtp_layers": 0})
+    spec = trunk_only_without_mtp(spec, raw, p, "converting")
     graph = lower(spec, dtype=str(_model_dtype(config)))
     if manifest.get("weight_layout", "hf") == "fused":
         graph = FuseMoE().apply(graph)
