@@ -73,5 +73,25 @@ class TorchBackend:
         return self.model.mtp_cached(ids, h, positions, past, mask)  # type: ignore[operator]
 
 
+class GraphBackend:
+    """Shared by the exported-graph backends (AOTInductor, ONNX Runtime): caches shaped from
+    the spec, and an MTP step only when the artifact carries the MTP graph."""
+
+    spec: ModelSpec
+    _mtp: object | None
+
+    @property
+    def has_mtp(self) -> bool:
+        return self._mtp is not None
+
+    def empty_cache(self) -> list[KV]:
+        a = self.spec.attention
+        return empty_kv(self.spec.num_layers, a.num_kv_heads, a.head_dim)
+
+    def empty_mtp_cache(self) -> KV:
+        a = self.spec.attention
+        return empty_kv(1, a.num_kv_heads, a.head_dim)[0]
+
+
 def empty_kv(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32) -> list[KV]:
     return [(torch.zeros(1, kv_heads, 0, head_dim, dtype=dtype),) * 2 for _ in range(layers)]

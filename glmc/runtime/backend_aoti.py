@@ -8,11 +8,11 @@ from typing import Any
 
 from torch import Tensor
 
-from glmc.runtime.backend import KV, empty_kv
+from glmc.runtime.backend import KV, GraphBackend
 from glmc.spec import ModelSpec
 
 
-class AotiBackend:
+class AotiBackend(GraphBackend):
     name = "aoti"
 
     def __init__(self, folder: Path, spec: ModelSpec, files: dict[str, str]) -> None:
@@ -22,18 +22,6 @@ class AotiBackend:
         self._prefill: Any = aoti_load_package(str(folder / files["prefill"]))
         self._decode: Any = aoti_load_package(str(folder / files["decode"]))
         self._mtp: Any = aoti_load_package(str(folder / files["mtp"])) if "mtp" in files else None
-
-    @property
-    def has_mtp(self) -> bool:
-        return self._mtp is not None
-
-    def empty_cache(self) -> list[KV]:
-        a = self.spec.attention
-        return empty_kv(self.spec.num_layers, a.num_kv_heads, a.head_dim)
-
-    def empty_mtp_cache(self) -> KV:
-        a = self.spec.attention
-        return empty_kv(1, a.num_kv_heads, a.head_dim)[0]
 
     def forward(
         self, ids: Tensor, positions: Tensor, past: list[KV], mask: Tensor

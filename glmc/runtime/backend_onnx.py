@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from glmc.runtime.backend import KV, empty_kv
+from glmc.runtime.backend import KV, GraphBackend
 from glmc.spec import ModelSpec
 
 
-class OnnxBackend:
+class OnnxBackend(GraphBackend):
     name = "onnx"
 
     def __init__(self, folder: Path, spec: ModelSpec, files: dict[str, str], threads: int = 0) -> None:
@@ -34,18 +34,6 @@ class OnnxBackend:
         )
         self._dec_in = [i.name for i in self._decoder.get_inputs()]
         self._mtp_in = [i.name for i in self._mtp.get_inputs()] if self._mtp is not None else []
-
-    @property
-    def has_mtp(self) -> bool:
-        return self._mtp is not None
-
-    def empty_cache(self) -> list[KV]:
-        a = self.spec.attention
-        return empty_kv(self.spec.num_layers, a.num_kv_heads, a.head_dim)
-
-    def empty_mtp_cache(self) -> KV:
-        a = self.spec.attention
-        return empty_kv(1, a.num_kv_heads, a.head_dim)[0]
 
     def forward(
         self, ids: Tensor, positions: Tensor, past: list[KV], mask: Tensor
