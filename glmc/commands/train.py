@@ -44,8 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-compile", action="store_true", help="run eagerly (fast start, for tests)")
     p.add_argument("--activation-checkpoint", action="store_true")
-    p.add_argument("--dp", type=int, help="data-parallel degree (default: the world size)")
+    p.add_argument("--dp", type=int, help="data-parallel degree (default: the world size / tp)")
     p.add_argument("--ep", type=int, default=d.ep, help="expert-parallel degree (within dp)")
+    p.add_argument(
+        "--tp", type=int, default=d.tp, help="tensor-parallel degree for attention (divides KV heads)"
+    )
     p.add_argument("--no-fsdp", action="store_true", help="replicate dense weights instead of FSDP2")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default=d.dtype)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -85,6 +88,7 @@ def config_from_args(args: argparse.Namespace) -> object:
         activation_checkpoint=args.activation_checkpoint,
         dp=args.dp,
         ep=args.ep,
+        tp=args.tp,
         fsdp=not args.no_fsdp,
         dtype=args.dtype,
         seed=args.seed,

@@ -40,10 +40,11 @@ def no_token_counting(rs: list[Router]) -> Iterator[None]:
 
 
 @torch.no_grad()
-def global_counts(rs: list[Router], group: dist.ProcessGroup | None = None) -> Tensor:
-    """Tokens per expert [L, E] this step, summed over all data-parallel ranks; zeroes the buffers."""
+def global_counts(rs: list[Router], group: dist.ProcessGroup | None = None, reduce: bool = True) -> Tensor:
+    """Tokens per expert [L, E] this step, summed over all data-parallel ranks (`group`; None: the
+    world); zeroes the buffers. `reduce=False`: this rank's counts are already global (dp = 1)."""
     counts = torch.stack([r.tokens_per_expert for r in rs])
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
+    if reduce and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(counts, group=group)
     for r in rs:
         r.tokens_per_expert.zero_()

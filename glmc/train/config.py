@@ -46,6 +46,7 @@ class TrainConfig:
     activation_checkpoint: bool = False
     dp: int | None = None  # data-parallel degree (None: world size / (tp * pp))
     ep: int = 1  # expert-parallel degree (borrows from the data-parallel ranks)
+    tp: int = 1  # tensor-parallel degree for attention (heads split over tp ranks)
     fsdp: bool = True  # FSDP2-shard dense weights over the data-parallel ranks when dp > 1
     seed: int = 0
     dtype: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; or "fp32", "bf16"
@@ -70,7 +71,10 @@ class TrainConfig:
             (self.dtype in ("auto", "fp32", "bf16"), f"dtype must be auto, fp32 or bf16, not {self.dtype!r}"),
             (self.mtp_weight >= 0 and self.balance_loss >= 0, "loss weights must be >= 0"),
             (self.bias_update_rate >= 0, "bias_update_rate must be >= 0"),
-            (self.ep >= 1 and (self.dp is None or self.dp >= 1), "dp and ep must be >= 1"),
+            (
+                self.ep >= 1 and self.tp >= 1 and (self.dp is None or self.dp >= 1),
+                "dp, ep and tp must be >= 1",
+            ),
         ]
         for ok, msg in checks:
             if not ok:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from glmc.export.torch.ep import EPExperts, shard_experts
-from glmc.export.torch.model import DecoderLayer, GLMForCausalLM, MTPLayer
+from glmc.export.torch.model import Attention, DecoderLayer, GLMForCausalLM, MTPLayer
 from glmc.train.balance import no_token_counting, routers
 from glmc.train.plan import Dist
 
@@ -73,10 +73,42 @@ def _checkpointed(fn: Callable[..., Tensor], lm: nn.Module) -> Callable[..., Ten
     return run
 
 
+def tensor_parallel(lm: nn.Module, tp_mesh: Any) -> None:
+    """Megatron-style attention TP with torch's engine: q/k/v column-parallel (weights and biases
+    split by output rows, i.e. by head), o_proj row-parallel (its output all-reduced). Each rank
+    then runs nh/tp query and nkv/tp KV heads on its own; q_norm/k_norm (per head, over head_dim)
+    stay replicated and their gradients, partial per rank, are summed in `sync_grads`."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    tp = tp_mesh.size()
+    plan = {
+        "q_proj": ColwiseParallel(),
+        "k_proj": ColwiseParallel(),
+        "v_proj": ColwiseParallel(),
+        "o_proj": RowwiseParallel(),
+    }
+    for attn in [m for m in lm.modules() if isinstance(m, Attention)]:
+        parallelize_module(attn, tp_mesh, plan)
+        attn.nh //= tp
+        attn.nkv //= tp
+
+
+def tp_partial_params(module: nn.Module) -> list[nn.Parameter]:
+    """Replicated parameters used inside the head-split region: each tp rank's gradient covers
+    only its own heads."""
+    out: list[nn.Parameter] = []
+    for m in module.modules():
+        if isinstance(m, Attention) and m.qk_norm:
+            out += [*m.q_norm.parameters(), *m.k_norm.parameters()]
+    return out
+
+
 def parallelize(
     lm: GLMForCausalLM, d: Dist, *, compile: bool, activation_checkpoint: bool, fsdp: bool
 ) -> TrainModule:
     plan = d.plan
+    if plan.tp > 1:
+        tensor_parallel(lm, d.tp_mesh)
     if plan.ep > 1:
         assert d.ep_group is not None
         shard_experts(lm, d.ep_group)
@@ -119,7 +151,13 @@ def replicas(module: nn.Module, d: Dist) -> dict[int, int]:
         if id(p) in experts:
             out[id(p)] = d.plan.edp
         elif isinstance(p, DTensor):
-            out[id(p)] = 1  # FSDP shards over all dp ranks (tp = pp = 1)
+            # Distinct pieces: the product of the sharded mesh dims (FSDP over dp, TP over tp);
+            # every other rank of the world holds a copy of one of them.
+            pieces = 1
+            for i, pl in enumerate(p.placements):
+                if not (pl.is_replicate() or pl.is_partial()):  # Shard, or FSDP+TP's _StridedShard
+                    pieces *= p.device_mesh.size(i)
+            out[id(p)] = d.world // pieces
         else:
             out[id(p)] = d.world
     return out
@@ -127,9 +165,19 @@ def replicas(module: nn.Module, d: Dist) -> dict[int, int]:
 
 @torch.no_grad()
 def sync_grads(module: nn.Module, d: Dist, fsdp: bool) -> None:
-    """The gradient reductions FSDP2 does not do: expert-parallel experts, and dense weights
-    when FSDP is off (plain data parallel, one flat all-reduce)."""
+    """The gradient reductions FSDP2 does not do: expert-parallel experts, dense weights when
+    FSDP is off (plain data parallel, one flat all-reduce), and under tensor parallel the sum over
+    the tp ranks of q_norm/k_norm gradients (each rank's covers only its heads)."""
     if d.world == 1:
+        return
+    if d.plan.tp > 1:
+        partial = [_local(p.grad) for p in tp_partial_params(module) if p.grad is not None]
+        _all_reduce_flat(partial, d.tp_group)
+        if d.plan.dp > 1 and not fsdp:
+            dense = [_local(p.grad) for p in module.parameters() if p.grad is not None]
+            _all_reduce_flat(dense, d.dp_group)
+            for g in dense:
+                g.div_(d.plan.dp)
         return
     experts = expert_params(module)
     if experts:
@@ -144,6 +192,12 @@ def sync_grads(module: nn.Module, d: Dist, fsdp: bool) -> None:
         _all_reduce_flat(dense, None)
         for g in dense:
             g.div_(d.plan.dp)
+
+
+def _local(t: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _all_reduce_flat(grads: list[Tensor], group: dist.ProcessGroup | None) -> None:

@@ -27,7 +27,7 @@ from glmc.ir import Graph
 class ParallelPlan:
     dp: int = 1  # data-parallel ranks (distinct data; FSDP shards dense weights over them)
     ep: int = 1  # expert-parallel ranks within dp
-    tp: int = 1  # tensor parallel (attention); only 1 is implemented
+    tp: int = 1  # tensor parallel for attention (heads split over the tp ranks of each dp rank)
     pp: int = 1  # pipeline parallel; only 1 is implemented
 
     @property
@@ -39,7 +39,7 @@ class ParallelPlan:
         """Replicas of each expert shard (data-parallel groups of the experts)."""
         return self.dp // self.ep
 
-    def check(self, world_size: int, num_experts: int | None) -> None:
+    def check(self, world_size: int, num_experts: int | None, num_kv_heads: int | None = None) -> None:
         """Raise GlmcError unless this plan fits `world_size` processes and the model."""
         where = f"parallel plan dp={self.dp} ep={self.ep} tp={self.tp} pp={self.pp}"
         if min(self.dp, self.ep, self.tp, self.pp) < 1:
@@ -53,10 +53,19 @@ class ParallelPlan:
             raise GlmcError(
                 f"{where}: ep={self.ep} must divide dp={self.dp} (EP borrows data-parallel ranks)"
             )
-        if self.tp > 1 or self.pp > 1:
-            raise GlmcError(
-                f"{where}: tensor and pipeline parallel training are not implemented yet; use tp=1 pp=1"
-            )
+        if self.pp > 1:
+            raise GlmcError(f"{where}: pipeline parallel training is not implemented yet; use pp=1")
+        if self.tp > 1:
+            if self.ep > 1:
+                raise GlmcError(
+                    f"{where}: tensor parallel together with expert parallel is not implemented; "
+                    f"use --tp with ep=1 or --ep with tp=1"
+                )
+            if num_kv_heads is not None and num_kv_heads % self.tp:
+                raise GlmcError(
+                    f"{where}: the model's {num_kv_heads} KV heads do not split evenly over --tp {self.tp} "
+                    f"(tensor parallel gives each rank whole query and KV heads)"
+                )
         if self.ep > 1:
             if not num_experts:
                 raise GlmcError(f"{where}: ep > 1 but the model has no routed experts")
@@ -91,6 +100,9 @@ class Dist:
     ep_group: dist.ProcessGroup | None = None
     edp_group: dist.ProcessGroup | None = None
     dp_mesh: Any = None  # DeviceMesh over the data-parallel ranks (FSDP)
+    tp_mesh: Any = None  # DeviceMesh over this rank's tensor-parallel group (tp > 1)
+    dp_group: dist.ProcessGroup | None = None  # data-parallel ranks of this tp index (tp > 1)
+    tp_group: dist.ProcessGroup | None = None
     ep_mesh: Any = None  # DeviceMesh (edp, ep): expert weights replicate over edp, shard over ep
 
     @property
@@ -99,7 +111,7 @@ class Dist:
 
     @property
     def dp_rank(self) -> int:
-        return self.rank  # tp = pp = 1: every rank is a data-parallel rank
+        return self.rank // self.plan.tp  # mesh (dp, tp): consecutive ranks form a tp group
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -114,10 +126,10 @@ def world_from_env() -> tuple[int, int, int]:
     )
 
 
-def setup(plan: ParallelPlan, num_experts: int | None) -> Dist:
+def setup(plan: ParallelPlan, num_experts: int | None, num_kv_heads: int | None = None) -> Dist:
     """Check the plan against the launch, then join the process group and build the groups."""
     rank, world, local_rank = world_from_env()
-    plan.check(world, num_experts)
+    plan.check(world, num_experts, num_kv_heads)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -134,6 +146,14 @@ def setup(plan: ParallelPlan, num_experts: int | None) -> Dist:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=None)
     from torch.distributed.device_mesh import init_device_mesh
 
+    if plan.tp > 1:
+        # (dp, tp), tp innermost; FSDP2 and tensor parallel compose over slices of one root mesh.
+        root = init_device_mesh(device.type, (plan.dp, plan.tp), mesh_dim_names=("dp", "tp"))
+        d.dp_mesh, d.tp_mesh = root["dp"], root["tp"]
+        d.tp_group = d.tp_mesh.get_group()
+        if plan.dp > 1:
+            d.dp_group = d.dp_mesh.get_group()
+        return d
     d.dp_mesh = init_device_mesh(device.type, (plan.dp,), mesh_dim_names=("dp",))
     # (edp, ep) layout: consecutive ranks share an EP group.
     mesh = init_device_mesh(device.type, (plan.edp, plan.ep), mesh_dim_names=("edp", "ep"))

@@ -42,13 +42,18 @@ class TrainResult:
 
 def resolve_plan(cfg: TrainConfig, from_graph: ParallelPlan | None, world: int) -> ParallelPlan:
     if from_graph is not None:
-        if (cfg.dp is not None and cfg.dp != from_graph.dp) or (cfg.ep != 1 and cfg.ep != from_graph.ep):
+        if (
+            (cfg.dp is not None and cfg.dp != from_graph.dp)
+            or (cfg.ep != 1 and cfg.ep != from_graph.ep)
+            or (cfg.tp != 1 and cfg.tp != from_graph.tp)
+        ):
             raise GlmcError(
-                f"--dp/--ep ({cfg.dp}, {cfg.ep}) disagree with the shard pass's plan "
-                f"(dp={from_graph.dp}, ep={from_graph.ep}); give one or the other"
+                f"--dp/--ep/--tp ({cfg.dp}, {cfg.ep}, {cfg.tp}) disagree with the shard pass's plan "
+                f"(dp={from_graph.dp}, ep={from_graph.ep}, tp={from_graph.tp}); give one or the other"
             )
         return from_graph
-    return ParallelPlan(dp=cfg.dp if cfg.dp is not None else world, ep=cfg.ep)
+    dp = cfg.dp if cfg.dp is not None else max(1, world // cfg.tp)
+    return ParallelPlan(dp=dp, ep=cfg.ep, tp=cfg.tp)
 
 
 def _resume_path(cfg: TrainConfig) -> Path | None:
@@ -72,7 +77,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     _, world, _ = world_from_env()
     plan = resolve_plan(cfg, plan_from_graph(graph), world)
     num_experts = spec.moe.num_experts if spec.moe is not None else None
-    d = setup(plan, num_experts)
+    d = setup(plan, num_experts, spec.attention.num_kv_heads)
     try:
         return _train(cfg, spec, graph, d)
     finally:
@@ -150,7 +155,7 @@ def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
     tele = Telemetry(cfg.run_dir, d.is_main, cfg.progress, cfg.steps, start, cfg.log_every)
     tele.say(
         f"[bold]glmc train[/] {spec.name}: {data_info['tokens']:,} tokens from {data_info['files']} files "
-        f"({data_info['num_sequences']:,} sequences of {cfg.seq_len}); plan dp={d.plan.dp} ep={d.plan.ep}; "
+        f"({data_info['num_sequences']:,} sequences of {cfg.seq_len}); plan dp={d.plan.dp} ep={d.plan.ep} tp={d.plan.tp}; "
         f"global batch {cfg.batch_size}; {cfg.optimizer}; compile={cfg.compile}; device {d.device}; "
         f"MFU peak: {peak_note}" + (f"; resuming at step {start} from {resume}" if start else "")
     )
@@ -171,7 +176,8 @@ def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
             losses.total.backward()
             sync_grads(module, d, cfg.fsdp)
             gnorm = clip_grad_norm(params, reps, cfg.grad_clip)
-            counts = balance.global_counts(rs) if rs else None
+            # Summed over the data-parallel ranks only: a dp rank's tp ranks see the same tokens.
+            counts = balance.global_counts(rs, d.dp_group, reduce=dp > 1) if rs else None
             if counts is not None:
                 balance.update_bias(rs, counts, cfg.bias_update_rate)
             lr = scheds[0].get_last_lr()[0]
@@ -189,7 +195,7 @@ def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
             ])  # fmt: skip
             if d.world > 1:
                 dist.all_reduce(vals)
-                vals /= dp
+                vals /= d.world  # each dp rank's losses appear on its tp ranks (world = dp·tp)
             total, lm_loss, mtp_loss, bal_loss = vals.tolist()
             dt = time.perf_counter() - t0
             tok_s = cfg.batch_size * cfg.seq_len / dt

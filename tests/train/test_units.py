@@ -95,8 +95,13 @@ def test_plan_checks_name_the_problem():
         ParallelPlan(dp=4).check(2, 8)
     with pytest.raises(GlmcError, match="8 experts do not split evenly over ep=3"):
         ParallelPlan(dp=3, ep=3).check(3, 8)
-    with pytest.raises(GlmcError, match="tensor and pipeline parallel"):
-        ParallelPlan(dp=1, tp=2).check(2, 8)
+    ParallelPlan(dp=1, tp=2).check(2, 8, num_kv_heads=2)
+    with pytest.raises(GlmcError, match="2 KV heads do not split evenly over --tp 4"):
+        ParallelPlan(dp=1, tp=4).check(4, 8, num_kv_heads=2)
+    with pytest.raises(GlmcError, match="tensor parallel together with expert parallel"):
+        ParallelPlan(dp=2, ep=2, tp=2).check(4, 8, num_kv_heads=2)
+    with pytest.raises(GlmcError, match="pipeline parallel"):
+        ParallelPlan(dp=1, pp=2).check(2, 8)
 
 
 def test_plan_comes_from_the_shard_pass():
