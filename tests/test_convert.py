@@ -258,7 +258,7 @@ def test_transformers_loads_the_block128_checkpoint(wide_ckpt: Path, tmp_path: P
 
 
 def test_from_pretrained_reads_fused_and_fp8_and_refuses_ranks(tiny_ckpt: Path, tmp_path: Path) -> None:
-    ids = torch.randint(0, 512, (1, 8))
+    ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(0))
     base = glmc.from_pretrained(tiny_ckpt)
     convert(tiny_ckpt, tmp_path / "fused", "fuse-moe")
     convert(tiny_ckpt, tmp_path / "q", "fuse-moe,quantize-fp8{recipe=channel}")
@@ -323,7 +323,7 @@ def test_build_with_a_weight_changing_pipeline_writes_that_layout(tmp_path: Path
     glmc.api.build("glm-tiny", tmp_path / "b", pipeline="fuse-moe,quantize-fp8{recipe=channel}")
     manifest = json.loads((tmp_path / "b" / "hf" / "glmc_convert.json").read_text())
     assert manifest["weight_layout"] == "fused" and manifest["quantization"] == "channel"
-    ids = torch.randint(0, 512, (1, 8))
+    ids = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a = glmc.from_pretrained(tmp_path / "b" / "hf")(ids)
         b = glmc.from_pretrained(tmp_path / "b" / "torch")(ids)

@@ -132,7 +132,8 @@ def test_fp8_bundle_carries_block_scales_trtllm_reads(tmp_path, tiny_checkpoint,
     assert "model.layers.0.self_attn.q_proj.weight_scale_inv" in keys
     assert "lm_head.weight_scale_inv" not in keys and "model.layers.3.eh_proj.weight_scale_inv" not in keys
     dequant = glmc.from_pretrained(bundle)
-    ids = torch.randint(0, 512, (1, 12))
+    # Fixed ids: with random ones a near-tied top-k occasionally flips and the max error wanders.
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = dequant(ids), reference(ids)
     assert ((a - b).abs().max() / b.abs().max()).item() < 0.1
