@@ -13,16 +13,14 @@ import argparse
 import os
 import platform
 import statistics
-import tempfile
 import time
-import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _peer import glmc_and_transformers  # bench/ is the script's folder
 
 import glmc
-from glmc.api import build_torch
 
 
 def timeit(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
@@ -49,12 +47,7 @@ def main() -> None:
     import transformers
 
     spec = glmc.presets.get(args.preset).model_copy(update={"num_mtp_layers": 0})
-    ours = build_torch(spec, dtype=torch.float32, seed=0)
-    with tempfile.TemporaryDirectory() as tmp:
-        glmc.save_pretrained(ours, tmp)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            hf = transformers.Glm4MoeForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    ours, hf = glmc_and_transformers(spec, seed=0)
     ids = torch.randint(
         0, spec.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)
     )

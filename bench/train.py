@@ -16,16 +16,14 @@ import argparse
 import os
 import platform
 import statistics
-import tempfile
 import time
-import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _peer import glmc_and_transformers  # bench/ is the script's folder
 
 import glmc
-from glmc.api import build_torch
 
 
 def step_times(step: Callable[[], None], steps: int, warmup: int) -> list[float]:
@@ -56,12 +54,7 @@ def main() -> None:
     from glmc.train.plan import Dist, ParallelPlan
 
     spec = glmc.presets.get(args.preset).model_copy(update={"num_mtp_layers": 0})
-    ours = build_torch(spec, dtype=torch.float32, seed=0)
-    with tempfile.TemporaryDirectory() as tmp:
-        glmc.save_pretrained(ours, tmp)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            hf = transformers.Glm4MoeForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    ours, hf = glmc_and_transformers(spec, seed=0)
     hf.train()
     ours.train()
     g = torch.Generator().manual_seed(0)
