@@ -38,22 +38,26 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_cos_sin(
-    positions: Tensor, rotary_dim: int, theta: float, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """cos/sin [B, S, r] for NeoX rotate-half RoPE over the first r dims of each head."""
+Rope = tuple[Tensor, Tensor]
+"""fp32 (cos, sin) [B, S, r]: computed once per forward by the model and handed to every layer
+(a layer recomputing them would, once compiled, evaluate cos/sin per head and per layer)."""
+
+
+def rope_cos_sin(positions: Tensor, rotary_dim: int, theta: float) -> Rope:
+    """fp32 cos/sin [B, S, r] for NeoX rotate-half RoPE over the first r dims of each head."""
     inv_freq = 1.0 / (
         theta ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32) / rotary_dim)
     )
     freqs = positions.float()[..., None] * inv_freq  # [B, S, r/2]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return emb.cos(), emb.sin()
 
 
 def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, nh, S, d]; rotates pairs (i, i + r/2) of the first r dims, passes the rest through."""
+    """x [B, nh, S, d]; rotates pairs (i, i + r/2) of the first r dims, passes the rest through.
+    cos/sin are cast to x's dtype first (as transformers does)."""
     r = cos.shape[-1]
-    cos, sin = cos[:, None], sin[:, None]
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
     rot, rest = x[..., :r], x[..., r:]
     x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
     rotated = torch.cat((-x2, x1), dim=-1)
@@ -85,7 +89,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.d, n.attr("eps"))
             self.k_norm = RMSNorm(self.d, n.attr("eps"))
 
-    def _qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, nh, S, d], k and v [B, nkv, S, d], RoPE applied."""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.nh, self.d)
@@ -94,22 +98,22 @@ class Attention(nn.Module):
         if self.qk_norm:  # per head, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = rope_cos_sin(positions, self.rotary_dim, self.theta, q.dtype)
+        cos, sin = rope
         return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin), v
 
     def _out(self, o: Tensor) -> Tensor:
         B, _, S, _ = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(B, S, self.nh * self.d))
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        q, k, v = self._qkv(x, positions)
+    def forward(self, x: Tensor, rope: Rope) -> Tensor:
+        q, k, v = self._qkv(x, rope)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
         return self._out(o)
 
-    def forward_cached(self, x: Tensor, positions: Tensor, past: KV, mask: Tensor) -> tuple[Tensor, KV]:
+    def forward_cached(self, x: Tensor, rope: Rope, past: KV, mask: Tensor) -> tuple[Tensor, KV]:
         """Attend over `past` (k, v [B, nkv, P, d]) plus the new tokens; `mask` [B, 1, S, P+S]
         is True where a query may attend. Returns the output and the grown cache (P+S)."""
-        q, k, v = self._qkv(x, positions)
+        q, k, v = self._qkv(x, rope)
         k = torch.cat((past[0], k), dim=2)
         v = torch.cat((past[1], v), dim=2)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
@@ -235,14 +239,12 @@ class DecoderLayer(nn.Module):
         self.mlp: nn.Module = MLP(g.node(mlp)) if g.node(mlp).op is Op.MLP else MoE(g, mlp)
         self.is_moe = isinstance(self.mlp, MoE)
 
-    def forward(
-        self, x: Tensor, positions: Tensor, stats: list[tuple[Tensor, Tensor]] | None = None
-    ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions)
+    def forward(self, x: Tensor, rope: Rope, stats: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope)
         return x + self._ffn(self.post_attention_layernorm(x), stats)
 
-    def forward_cached(self, x: Tensor, positions: Tensor, past: KV, mask: Tensor) -> tuple[Tensor, KV]:
-        a, present = self.self_attn.forward_cached(self.input_layernorm(x), positions, past, mask)
+    def forward_cached(self, x: Tensor, rope: Rope, past: KV, mask: Tensor) -> tuple[Tensor, KV]:
+        a, present = self.self_attn.forward_cached(self.input_layernorm(x), rope, past, mask)
         x = x + a
         return x + self._ffn(self.post_attention_layernorm(x), None), present
 
@@ -273,14 +275,14 @@ class MTPLayer(DecoderLayer):
         return self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h)), dim=-1))
 
     def forward_mtp(
-        self, emb: Tensor, h: Tensor, positions: Tensor, stats: list[tuple[Tensor, Tensor]] | None = None
+        self, emb: Tensor, h: Tensor, rope: Rope, stats: list[tuple[Tensor, Tensor]] | None = None
     ) -> Tensor:
-        return self.shared_head.norm(super().forward(self.fuse(emb, h), positions, stats))
+        return self.shared_head.norm(super().forward(self.fuse(emb, h), rope, stats))
 
     def forward_mtp_cached(
-        self, emb: Tensor, h: Tensor, positions: Tensor, past: KV, mask: Tensor
+        self, emb: Tensor, h: Tensor, rope: Rope, past: KV, mask: Tensor
     ) -> tuple[Tensor, KV]:
-        z, present = super().forward_cached(self.fuse(emb, h), positions, past, mask)
+        z, present = super().forward_cached(self.fuse(emb, h), rope, past, mask)
         return self.shared_head.norm(z), present
 
 
@@ -292,22 +294,37 @@ class GLMModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(g, f"model.layers.{i}") for i in range(g.attr("num_layers")))
         self.norm = _norm(g.node("model.norm"))
         self.mtp = nn.ModuleList(MTPLayer(g, f"model.mtp.{k}") for k in range(g.attr("num_mtp_layers")))
+        ropes = {
+            (cast(DecoderLayer, m).self_attn.rotary_dim, cast(DecoderLayer, m).self_attn.theta)
+            for m in [*self.layers, *self.mtp]
+        }
+        if len(ropes) != 1:
+            raise GlmcError(
+                f"model.layers: every layer must share one RoPE (rotary_dim, rope_theta), got {ropes}"
+            )
+        ((self.rotary_dim, self.rope_theta),) = ropes
+
+    def rope(self, positions: Tensor) -> Rope:
+        """fp32 (cos, sin) [B, S, r] for `positions` [B, S], shared by every layer."""
+        return rope_cos_sin(positions, self.rotary_dim, self.rope_theta)
 
     def forward(
         self, input_ids: Tensor, positions: Tensor, stats: list[tuple[Tensor, Tensor]] | None = None
     ) -> Tensor:
         x = self.embed_tokens(input_ids)
+        rope = self.rope(positions)
         for layer in self.layers:
-            x = layer(x, positions, stats)
+            x = layer(x, rope, stats)
         return self.norm(x)
 
     def forward_cached(
         self, input_ids: Tensor, positions: Tensor, past: list[KV], mask: Tensor
     ) -> tuple[Tensor, list[KV]]:
         x = self.embed_tokens(input_ids)
+        rope = self.rope(positions)
         presents = []
         for layer, kv in zip(cast("list[DecoderLayer]", self.layers), past, strict=True):
-            x, present = layer.forward_cached(x, positions, kv, mask)
+            x, present = layer.forward_cached(x, rope, kv, mask)
             presents.append(present)
         return self.norm(x), presents
 
@@ -349,12 +366,13 @@ class GLMForCausalLM(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         h = self.model(input_ids, positions, stats)
         logits = self.head(h)
+        cos, sin = self.model.rope(positions)
         mtp_logits = []
         for k, layer in enumerate(cast("list[MTPLayer]", self.model.mtp)):
             # Position t combines h_t with the embedding of token t+1 (HF uses positions t+1;
             # RoPE only sees differences, so any constant offset gives the same result).
             emb = self.model.embed_tokens(input_ids[:, k + 1 :])
-            h = layer.forward_mtp(emb, h[:, : emb.shape[1]], positions[:, k + 1 :], stats)
+            h = layer.forward_mtp(emb, h[:, : emb.shape[1]], (cos[:, k + 1 :], sin[:, k + 1 :]), stats)
             mtp_logits.append(self.head(h))
         return logits, mtp_logits
 
@@ -395,7 +413,8 @@ class GLMForCausalLM(nn.Module):
         (fed back as `h` to chain drafts) and the grown MTP cache."""
         mtp = cast(MTPLayer, self.model.mtp[layer])
         mask = attention_bias_mask(past[0].shape[2], next_ids, attention_mask)
-        z, present = mtp.forward_mtp_cached(self.model.embed_tokens(next_ids), h, positions, past, mask)
+        rope = self.model.rope(positions)
+        z, present = mtp.forward_mtp_cached(self.model.embed_tokens(next_ids), h, rope, past, mask)
         return self.head(z), z, present
 
     @torch.no_grad()

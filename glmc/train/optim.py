@@ -121,13 +121,17 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     muon, adamw = split_params(model, cfg.optimizer)
     decay = [p for p in adamw if p.ndim >= 2]  # embeddings and head decay; norms and biases do not
     no_decay = [p for p in adamw if p.ndim < 2]
+    # One fused kernel over all plain tensors (CPU and CUDA); the per-tensor loop where DTensor
+    # shards and plain tensors mix (EP + FSDP), which neither fused nor foreach can group.
+    fused = not any(isinstance(p, DTensor) for p in adamw)
     opts: list[torch.optim.Optimizer] = [
         torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr,
             betas=cfg.betas,
             eps=1e-8,
-            foreach=False,  # DTensor and plain tensors mix under EP + FSDP
+            foreach=False,
+            fused=fused,
         )
     ]
     if muon:

@@ -55,8 +55,8 @@ class TrainModule(nn.Module):
 
 
 def _with_sink(fn: Callable[..., Tensor], sink: StatsSink) -> Callable[..., Tensor]:
-    def run(x: Tensor, positions: Tensor, stats: Any = None) -> Tensor:
-        return fn(x, positions, sink.current if stats is not None else None)
+    def run(x: Tensor, rope: Any, stats: Any = None) -> Tensor:
+        return fn(x, rope, sink.current if stats is not None else None)
 
     return run
 
