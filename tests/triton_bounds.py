@@ -8,7 +8,8 @@ whatever lives next to the tensor (allocator metadata, another op's registration
 the operation, the number of offending lanes and the nearest argument.
 
 The test suite installs it whenever the interpreter is active (tests/conftest.py); outside
-pytest: `sys.path.insert(0, "tests"); import triton_bounds; triton_bounds.install()`.
+pytest: `sys.path.insert(0, "tests"); import triton_bounds; triton_bounds.install()`;
+`GLMC_TRITON_BOUNDS=0` turns it off.
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ def _check(op: str, ptrs: Any, mask: Any, elem_bytes: int) -> None:
 
 def _elem_bytes(ptrs: Any) -> int:
     return max(1, int(ptrs.get_element_ty().primitive_bitwidth) // 8)
+
+
+def installed() -> bool:
+    return _installed
 
 
 def install() -> None:

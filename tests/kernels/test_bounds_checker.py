@@ -5,9 +5,11 @@ import os
 
 import pytest
 import torch
+import triton_bounds  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="checks the CPU interpreter"
+    os.environ.get("TRITON_INTERPRET") != "1" or not triton_bounds.installed(),
+    reason="checks the interpreter's bounds checker (off without TRITON_INTERPRET=1 or with GLMC_TRITON_BOUNDS=0)",
 )
 
 triton = pytest.importorskip("triton")
