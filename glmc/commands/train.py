@@ -30,6 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bytes", type=float, help="read at most this many bytes of text")
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, in sequences")
+    p.add_argument(
+        "--grad-accum",
+        type=int,
+        default=d.grad_accum,
+        help="micro-batches per optimizer step (the --batch-size global batch is split into this many)",
+    )
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (Muon and AdamW)")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
@@ -74,6 +80,7 @@ def config_from_args(args: argparse.Namespace) -> object:
         max_bytes=int(args.max_bytes) if args.max_bytes else None,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
         steps=args.steps,
         lr=args.lr,
         warmup_steps=args.warmup_steps,

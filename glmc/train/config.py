@@ -26,7 +26,8 @@ class TrainConfig:
     exclude: tuple[str, ...] = ()  # path-component globs skipped in folders (e.g. site-packages)
     max_bytes: int | None = None  # stop reading the corpus after this many bytes
     seq_len: int = 256
-    batch_size: int = 8  # global batch in sequences; split evenly over data-parallel ranks
+    batch_size: int = 8  # global batch in sequences per optimizer step; split evenly over data-parallel ranks
+    grad_accum: int = 1  # micro-batches per optimizer step: each rank's batch is cut into this many
     # schedule and optimiser
     steps: int = 100
     lr: float = 3e-3  # peak AdamW learning rate (embeddings, head, norms, biases)
@@ -76,6 +77,16 @@ class TrainConfig:
                 "dp, ep and tp must be >= 1",
             ),
         ]
+        accum = self.grad_accum
+        if isinstance(accum, int) and not isinstance(accum, bool) and accum >= 1:
+            checks.append((
+                self.batch_size % accum == 0,
+                f"batch_size (--batch-size) {self.batch_size} must be a multiple of grad_accum "
+                f"(--grad-accum) {accum}: batch_size is the global batch per optimizer step and each "
+                f"micro-batch holds batch_size / grad_accum sequences",
+            ))  # fmt: skip
+        else:
+            checks.append((False, f"grad_accum (--grad-accum) must be an integer >= 1, got {accum!r}"))
         for ok, msg in checks:
             if not ok:
                 raise GlmcError(f"train config: {msg}")

@@ -2,9 +2,18 @@
 launched) run. Every input is checked — spec, plan vs world size, data, tokenizer vs vocab,
 resume checkpoint — before the model is built, so bad input stops before any step runs.
 
-One optimizer step: forward (bf16 autocast on GPU, fp32 on CPU) -> CE + MTP + balance loss ->
-backward -> gradient sync the plan needs beyond FSDP2 -> global-norm clip -> loss-free bias
-update from the all-reduced token counts -> Muon/AdamW step -> schedule step -> metrics.
+One optimizer step: `grad_accum` times [forward (bf16 autocast on GPU, fp32 on CPU) -> CE + MTP +
+balance loss, divided by grad_accum -> backward] -> gradient sync the plan needs beyond FSDP2 ->
+global-norm clip -> loss-free bias update from the all-reduced token counts -> Muon/AdamW step ->
+schedule step -> metrics.
+
+Gradient accumulation: `batch_size` is the global batch of one optimizer step. The sampler hands
+each data-parallel rank its part of it, which is cut into `grad_accum` equal micro-batches, so the
+step sees exactly the sequences it sees with grad_accum = 1. Every loss is a mean over equal token
+(or sequence) counts per micro-batch, so the sum of the micro-batch losses / grad_accum is the
+full-batch loss and the accumulated gradient the full-batch gradient. FSDP2 reduce-scatters only
+after the last micro-batch's backward; routers keep counting over all micro-batches and the bias
+updates once per step, so every micro-batch routes with the same bias.
 """
 
 from __future__ import annotations
@@ -84,13 +93,30 @@ def train(cfg: TrainConfig) -> TrainResult:
         teardown(d)
 
 
+def micro_batch_size(cfg: TrainConfig, dp: int) -> int:
+    """Sequences per micro-batch on one data-parallel rank: batch_size / (dp · grad_accum)."""
+    if cfg.batch_size % (dp * cfg.grad_accum):
+        raise GlmcError(
+            f"--batch-size {cfg.batch_size} must be a multiple of the data-parallel degree {dp} "
+            f"times --grad-accum {cfg.grad_accum} (= {dp * cfg.grad_accum}): each rank's share of the "
+            f"global batch is cut into grad_accum equal micro-batches"
+        )
+    return cfg.batch_size // (dp * cfg.grad_accum)
+
+
+def _gradient_sync(module: torch.nn.Module, on: bool) -> None:
+    """FSDP2: reduce-scatter gradients in this backward (on) or keep accumulating them unsharded
+    (off); applies to every FSDP2 module under the root. A no-op without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(on)
+
+
 def _prepare_data(cfg: TrainConfig, vocab_size: int, d: Dist) -> tuple[PackedData, dict[str, Any]]:
     tok = make_tokenizer(cfg.tokenizer)
     check_vocab(tok, vocab_size)
-    if cfg.batch_size % d.plan.dp:
-        raise GlmcError(
-            f"--batch-size {cfg.batch_size} must be a multiple of the data-parallel degree {d.plan.dp}"
-        )
+    micro_batch_size(cfg, d.plan.dp)
     files = list_files(cfg.data, cfg.include, cfg.exclude)
     tokens = load_tokens(files, tok, cfg.max_bytes)
     data = PackedData.pack(tokens, cfg.seq_len, cfg.seed)
@@ -152,11 +178,15 @@ def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
         else default_peak_tflops(d.device)
     )
     train_flops = flops_per_token(graph, cfg.seq_len)["training"]
+    accum = cfg.grad_accum
+    micro = micro_batch_size(cfg, d.plan.dp)
     tele = Telemetry(cfg.run_dir, d.is_main, cfg.progress, cfg.steps, start, cfg.log_every)
     tele.say(
         f"[bold]glmc train[/] {spec.name}: {data_info['tokens']:,} tokens from {data_info['files']} files "
         f"({data_info['num_sequences']:,} sequences of {cfg.seq_len}); plan dp={d.plan.dp} ep={d.plan.ep} tp={d.plan.tp}; "
-        f"global batch {cfg.batch_size}; {cfg.optimizer}; compile={cfg.compile}; device {d.device}; "
+        f"global batch {cfg.batch_size}"
+        + (f" ({cfg.grad_accum} micro-batches of {micro} per rank)" if cfg.grad_accum > 1 else "")
+        + f"; {cfg.optimizer}; compile={cfg.compile}; device {d.device}; "
         f"MFU peak: {peak_note}" + (f"; resuming at step {start} from {resume}" if start else "")
     )
     result = TrainResult(cfg.run_dir)
@@ -167,13 +197,30 @@ def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
             t0 = time.perf_counter()
             ids, labels = data.batch(step, cfg.batch_size, d.dp_rank, dp)
             ids, labels = ids.to(d.device), labels.to(d.device)
-            with _autocast(cfg, d.device):
-                logits, mtp_logits, stats = module(ids, with_stats=cfg.balance_loss > 0)
-            losses = training_loss(
-                logits, mtp_logits, stats, labels,
-                mtp_weight=cfg.mtp_weight, balance_weight=cfg.balance_loss, top_k=top_k,
-            )  # fmt: skip
-            losses.total.backward()
+            # Sums over the micro-batches of (total, CE, MTP, balance); the step's losses are their means.
+            sums = torch.zeros(4, device=d.device)
+            has_mtp = has_bal = False
+            for m in range(accum):
+                if accum > 1:  # FSDP2 reduce-scatters in the last micro-batch's backward only
+                    _gradient_sync(module, m == accum - 1)
+                part = slice(m * micro, (m + 1) * micro)
+                with _autocast(cfg, d.device):
+                    logits, mtp_logits, stats = module(ids[part], with_stats=cfg.balance_loss > 0)
+                losses = training_loss(
+                    logits, mtp_logits, stats, labels[part],
+                    mtp_weight=cfg.mtp_weight, balance_weight=cfg.balance_loss, top_k=top_k,
+                )  # fmt: skip
+                # Equal-sized micro-batches of per-token / per-sequence means: /accum makes the
+                # accumulated gradient the full-batch one (exact for accum = 1).
+                (losses.total / accum).backward()
+                has_mtp, has_bal = losses.mtp is not None, losses.balance is not None
+                sums += torch.stack([
+                    losses.total.detach().float(),
+                    losses.lm.detach().float(),
+                    (losses.mtp if losses.mtp is not None else torch.zeros(())).detach().float().to(d.device),
+                    (losses.balance if losses.balance is not None else torch.zeros(())).detach().float().to(d.device),
+                ])  # fmt: skip
+                del logits, mtp_logits, stats, losses
             sync_grads(module, d, cfg.fsdp)
             gnorm = clip_grad_norm(params, reps, cfg.grad_clip)
             # Summed over the data-parallel ranks only: a dp rank's tp ranks see the same tokens.
@@ -187,25 +234,20 @@ def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
                 s.step()
             for o in opts:
                 o.zero_grad(set_to_none=True)
-            vals = torch.stack([
-                losses.total.detach().float(),
-                losses.lm.detach().float(),
-                (losses.mtp if losses.mtp is not None else torch.zeros(())).detach().float().to(d.device),
-                (losses.balance if losses.balance is not None else torch.zeros(())).detach().float().to(d.device),
-            ])  # fmt: skip
+            vals = sums / accum
             if d.world > 1:
                 dist.all_reduce(vals)
                 vals /= d.world  # each dp rank's losses appear on its tp ranks (world = dp·tp)
             total, lm_loss, mtp_loss, bal_loss = vals.tolist()
             dt = time.perf_counter() - t0
-            tok_s = cfg.batch_size * cfg.seq_len / dt
+            tok_s = cfg.batch_size * cfg.seq_len / dt  # the global batch: every micro-batch of every rank
             imb = balance.imbalance(counts) if counts is not None else []
             rec: dict[str, Any] = {
                 "step": step + 1,
                 "loss": total,
                 "lm_loss": lm_loss,
-                "mtp_loss": mtp_loss if losses.mtp is not None else None,
-                "balance_loss": bal_loss if losses.balance is not None else None,
+                "mtp_loss": mtp_loss if has_mtp else None,
+                "balance_loss": bal_loss if has_bal else None,
                 "lr": lr,
                 "grad_norm": gnorm,
                 "tokens_per_s": tok_s,
