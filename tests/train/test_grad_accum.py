@@ -19,7 +19,7 @@ from glmc.errors import GlmcError
 from glmc.train import TrainConfig, train
 from glmc.train.trainer import micro_batch_size
 
-from ._dist import _worker, free_port
+from ._dist import _worker, free_port, run_distributed
 from .conftest import tiny_config
 
 STEPS = 6
@@ -162,6 +162,18 @@ def test_fsdp2_micro_batches_match_one_process_and_sync_once_per_step(tmp_path, 
         print(f"FSDP2 dp=2 grad_accum={accum}: max relative loss difference {rel:.2e}")
     # The first micro-batch's backward keeps its gradients unsharded: no extra reduce-scatter.
     assert counts[2] == counts[1], counts
+
+
+@pytest.mark.slow
+def test_expert_parallel_micro_batches_match_one_process(tmp_path, corpus, reference):
+    """ep=2 x grad_accum 2 (FSDP2 around EP): the all-to-all runs in every micro-batch, the
+    gradients sync once; same losses as one process with the whole batch."""
+    ref, _ = reference
+    res = run_distributed(tiny_config(tmp_path, corpus, steps=STEPS, dtype="fp32", ep=2, grad_accum=2))
+    for rank in (0, 1):
+        assert res[rank][0] == "ok", res[rank]
+        for a, b in zip(res[rank][1], [r["loss"] for r in ref], strict=True):
+            assert abs(a - b) / b < 1e-5
 
 
 # --- bad input -------------------------------------------------------------------------------
