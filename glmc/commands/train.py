@@ -53,7 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp", type=int, help="data-parallel degree (default: the world size / tp)")
     p.add_argument("--ep", type=int, default=d.ep, help="expert-parallel degree (within dp)")
     p.add_argument(
-        "--tp", type=int, default=d.tp, help="tensor-parallel degree for attention (divides KV heads)"
+        "--tp",
+        type=int,
+        default=d.tp,
+        help="tensor-parallel degree: attention heads and dense/shared MLP columns (divides the KV heads)",
     )
     p.add_argument("--no-fsdp", action="store_true", help="replicate dense weights instead of FSDP2")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default=d.dtype)

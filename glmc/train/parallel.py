@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from glmc.export.torch.ep import EPExperts, shard_experts
-from glmc.export.torch.model import Attention, DecoderLayer, GLMForCausalLM, MTPLayer
+from glmc.export.torch.model import MLP, Attention, DecoderLayer, GLMForCausalLM, MTPLayer
 from glmc.train.balance import no_token_counting, routers
 from glmc.train.plan import Dist
 
@@ -74,23 +74,33 @@ def _checkpointed(fn: Callable[..., Tensor], lm: nn.Module) -> Callable[..., Ten
 
 
 def tensor_parallel(lm: nn.Module, tp_mesh: Any) -> None:
-    """Megatron-style attention TP with torch's engine: q/k/v column-parallel (weights and biases
-    split by output rows, i.e. by head), o_proj row-parallel (its output all-reduced). Each rank
-    then runs nh/tp query and nkv/tp KV heads on its own; q_norm/k_norm (per head, over head_dim)
-    stay replicated and their gradients, partial per rank, are summed in `sync_grads`."""
+    """Megatron-style TP with torch's engine.
+
+    Attention: q/k/v column-parallel (weights and biases split by output rows, i.e. by head),
+    o_proj row-parallel (its output all-reduced). Each rank then runs nh/tp query and nkv/tp KV
+    heads on its own; q_norm/k_norm (per head, over head_dim) stay replicated and their
+    gradients, partial per rank, are summed in `sync_grads`.
+
+    Dense MLPs and shared experts: gate/up column-parallel, down row-parallel, so SwiGLU runs on
+    each rank's intermediate columns and one all-reduce per MLP sums the down projection. The
+    routed experts and the router stay replicated (every tp rank routes the same tokens)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     tp = tp_mesh.size()
-    plan = {
+    attn_plan = {
         "q_proj": ColwiseParallel(),
         "k_proj": ColwiseParallel(),
         "v_proj": ColwiseParallel(),
         "o_proj": RowwiseParallel(),
     }
-    for attn in [m for m in lm.modules() if isinstance(m, Attention)]:
-        parallelize_module(attn, tp_mesh, plan)
-        attn.nh //= tp
-        attn.nkv //= tp
+    mlp_plan = {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(), "down_proj": RowwiseParallel()}
+    for m in list(lm.modules()):
+        if isinstance(m, Attention):
+            parallelize_module(m, tp_mesh, attn_plan)
+            m.nh //= tp
+            m.nkv //= tp
+        elif isinstance(m, MLP):
+            parallelize_module(m, tp_mesh, mlp_plan)
 
 
 def tp_partial_params(module: nn.Module) -> list[nn.Parameter]:

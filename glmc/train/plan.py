@@ -27,7 +27,7 @@ from glmc.ir import Graph
 class ParallelPlan:
     dp: int = 1  # data-parallel ranks (distinct data; FSDP shards dense weights over them)
     ep: int = 1  # expert-parallel ranks within dp
-    tp: int = 1  # tensor parallel for attention (heads split over the tp ranks of each dp rank)
+    tp: int = 1  # tensor parallel: attention heads and dense/shared MLP columns over the tp ranks
     pp: int = 1  # pipeline parallel; only 1 is implemented
 
     @property
@@ -39,7 +39,13 @@ class ParallelPlan:
         """Replicas of each expert shard (data-parallel groups of the experts)."""
         return self.dp // self.ep
 
-    def check(self, world_size: int, num_experts: int | None, num_kv_heads: int | None = None) -> None:
+    def check(
+        self,
+        world_size: int,
+        num_experts: int | None,
+        num_kv_heads: int | None = None,
+        mlp_sizes: dict[str, int] | None = None,
+    ) -> None:
         """Raise GlmcError unless this plan fits `world_size` processes and the model."""
         where = f"parallel plan dp={self.dp} ep={self.ep} tp={self.tp} pp={self.pp}"
         if min(self.dp, self.ep, self.tp, self.pp) < 1:
@@ -66,6 +72,12 @@ class ParallelPlan:
                     f"{where}: the model's {num_kv_heads} KV heads do not split evenly over --tp {self.tp} "
                     f"(tensor parallel gives each rank whole query and KV heads)"
                 )
+            for what, size in (mlp_sizes or {}).items():
+                if size % self.tp:
+                    raise GlmcError(
+                        f"{where}: the {what} intermediate size {size} does not split evenly over --tp {self.tp} "
+                        f"(tensor parallel splits the dense and shared MLPs by columns)"
+                    )
         if self.ep > 1:
             if not num_experts:
                 raise GlmcError(f"{where}: ep > 1 but the model has no routed experts")
@@ -126,10 +138,15 @@ def world_from_env() -> tuple[int, int, int]:
     )
 
 
-def setup(plan: ParallelPlan, num_experts: int | None, num_kv_heads: int | None = None) -> Dist:
+def setup(
+    plan: ParallelPlan,
+    num_experts: int | None,
+    num_kv_heads: int | None = None,
+    mlp_sizes: dict[str, int] | None = None,
+) -> Dist:
     """Check the plan against the launch, then join the process group and build the groups."""
     rank, world, local_rank = world_from_env()
-    plan.check(world, num_experts, num_kv_heads)
+    plan.check(world, num_experts, num_kv_heads, mlp_sizes)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -86,11 +86,23 @@ def train(cfg: TrainConfig) -> TrainResult:
     _, world, _ = world_from_env()
     plan = resolve_plan(cfg, plan_from_graph(graph), world)
     num_experts = spec.moe.num_experts if spec.moe is not None else None
-    d = setup(plan, num_experts, spec.attention.num_kv_heads)
+    d = setup(plan, num_experts, spec.attention.num_kv_heads, tp_mlp_sizes(spec))
     try:
         return _train(cfg, spec, graph, d)
     finally:
         teardown(d)
+
+
+def tp_mlp_sizes(spec: Any) -> dict[str, int]:
+    """Intermediate sizes of the MLPs tensor parallel splits by columns (dense and shared expert)."""
+    sizes = {}
+    if spec.num_dense_layers > 0:
+        sizes["dense MLP (mlp.intermediate_size)"] = spec.mlp.intermediate_size
+    if spec.moe is not None and spec.moe.num_shared_experts:
+        sizes["shared expert (moe.intermediate_size x num_shared_experts)"] = (
+            spec.moe.intermediate_size * spec.moe.num_shared_experts
+        )
+    return sizes
 
 
 def micro_batch_size(cfg: TrainConfig, dp: int) -> int:

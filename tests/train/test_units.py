@@ -102,6 +102,10 @@ def test_plan_checks_name_the_problem():
         ParallelPlan(dp=2, ep=2, tp=2).check(4, 8, num_kv_heads=2)
     with pytest.raises(GlmcError, match="pipeline parallel"):
         ParallelPlan(dp=1, pp=2).check(2, 8)
+    sizes = {"dense MLP (mlp.intermediate_size)": 6, "shared expert": 4}
+    ParallelPlan(dp=1, tp=2).check(2, 8, num_kv_heads=2, mlp_sizes=sizes)
+    with pytest.raises(GlmcError, match=r"dense MLP \(mlp.intermediate_size\) intermediate size 6 .* --tp 4"):
+        ParallelPlan(dp=1, tp=4).check(4, 8, num_kv_heads=4, mlp_sizes=sizes)
 
 
 def test_plan_comes_from_the_shard_pass():
