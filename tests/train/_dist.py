@@ -36,15 +36,20 @@ def _worker(rank: int, world: int, port: int, cfg: Any, queue: Any) -> None:
         raise
 
 
-def run_distributed(cfg: Any, world: int = 2) -> dict[int, tuple[str, Any, Any]]:
-    """{rank: ("ok", losses, records) | ("error", message, traceback)}."""
+def spawn(worker: Any, world: int, *args: Any) -> dict[int, tuple[str, Any, Any]]:
+    """Run `worker(rank, world, port, *args, queue)` in `world` spawned processes; each puts one
+    (rank, status, a, b) on the queue. Returns {rank: (status, a, b)}."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    port = free_port()
     with contextlib.suppress(Exception):  # the queue holds each rank's error
-        mp.spawn(_worker, args=(world, port, cfg, queue), nprocs=world, join=True)
+        mp.spawn(worker, args=(world, free_port(), *args, queue), nprocs=world, join=True)
     out = {}
     while not queue.empty():
         rank, status, a, b = queue.get()
         out[rank] = (status, a, b)
     return out
+
+
+def run_distributed(cfg: Any, world: int = 2) -> dict[int, tuple[str, Any, Any]]:
+    """{rank: ("ok", losses, records) | ("error", message, traceback)}."""
+    return spawn(_worker, world, cfg)

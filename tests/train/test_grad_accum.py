@@ -5,7 +5,6 @@ process and under FSDP2 (which then reduce-scatters once per step, not once per 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 from pathlib import Path
@@ -19,7 +18,7 @@ from glmc.errors import GlmcError
 from glmc.train import TrainConfig, train
 from glmc.train.trainer import micro_batch_size
 
-from ._dist import _worker, free_port, run_distributed
+from ._dist import _worker, run_distributed, spawn
 from .conftest import tiny_config
 
 STEPS = 6
@@ -129,16 +128,7 @@ def _counting_worker(rank: int, world: int, port: int, cfg: Any, queue: Any) -> 
 
 
 def _run_two_ranks(cfg: TrainConfig) -> dict[int, tuple[str, Any, Any]]:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    with contextlib.suppress(Exception):  # the queue holds each rank's error
-        mp.spawn(_counting_worker, args=(2, free_port(), cfg, queue), nprocs=2, join=True)
-    out = {}
-    while not queue.empty():
-        rank, status, a, b = queue.get()
-        out[rank] = (status, a, b)
+    out = spawn(_counting_worker, 2, cfg)
     assert sorted(out) == [0, 1], out
     for rank, (status, a, b) in out.items():
         assert status == "ok", f"rank {rank}: {a}\n{b}"

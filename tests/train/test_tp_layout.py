@@ -4,14 +4,11 @@ logits equal the unsharded model's."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import traceback
 from typing import Any
 
-import torch.multiprocessing as mp
-
-from ._dist import free_port
+from ._dist import spawn
 
 
 def _worker(rank: int, world: int, port: int, queue: Any) -> None:
@@ -67,14 +64,7 @@ def _worker(rank: int, world: int, port: int, queue: Any) -> None:
 
 
 def test_tensor_parallel_shards_attention_and_mlps_and_keeps_logits():
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    with contextlib.suppress(Exception):  # the queue holds each rank's error
-        mp.spawn(_worker, args=(2, free_port(), queue), nprocs=2, join=True)
-    out = {}
-    while not queue.empty():
-        rank, status, a, b = queue.get()
-        out[rank] = (status, a, b)
+    out = spawn(_worker, 2)
     assert sorted(out) == [0, 1], out
     for rank, (status, layout, diff) in out.items():
         assert status == "ok", f"rank {rank}: {layout}\n{diff}"
