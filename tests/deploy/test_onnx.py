@@ -1,6 +1,7 @@
 """The ONNX target in ONNX Runtime: logits, hidden states and presents match glmc's torch model
 for prefill (empty past) and decode steps; the MTP graph matches `mtp_cached`; ONNX Runtime
-GenAI loads the folder and its greedy tokens equal `glmc generate`'s."""
+GenAI loads the folder and its greedy tokens equal `glmc generate`'s; in the runtime backend
+only the drafter's session stops spinning after a run."""
 
 import json
 
@@ -106,3 +107,26 @@ def test_onnxruntime_genai_greedy_equals_glmc_generate(built, capsys):
         out, err = capsys.readouterr()
         assert code == 0, err
         assert [int(t) for t in out.splitlines()[0].split(",")] == genai_tokens
+
+
+def _config_entry(sess, key):
+    try:
+        return sess.get_session_options().get_session_config_entry(key)
+    except RuntimeError:  # onnxruntime raises for a key that was never set
+        return None
+
+
+def test_backend_drafter_stops_spinning_and_the_trunk_keeps_defaults(built):
+    """The MTP session's thread pool stops spinning when a run returns, so during speculation it
+    does not compete for cores with the trunk's verify step; the trunk keeps ONNX Runtime's
+    defaults (plain decoding unchanged). `threads` sizes both pools."""
+    from glmc.runtime import open_artifact
+    from glmc.runtime.backend_onnx import FORCE_SPINNING_STOP, OnnxBackend
+
+    backend = open_artifact(built / "onnx").backend
+    assert isinstance(backend, OnnxBackend)
+    sessions = (backend._decoder, backend._mtp)
+    assert [_config_entry(s, FORCE_SPINNING_STOP) for s in sessions] == [None, "1"]
+    files = {"decoder": "model.onnx", "mtp": "mtp.onnx"}
+    one = OnnxBackend(built / "onnx", backend.spec, files, threads=1)
+    assert [s.get_session_options().intra_op_num_threads for s in (one._decoder, one._mtp)] == [1, 1]
