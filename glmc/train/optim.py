@@ -121,9 +121,11 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     muon, adamw = split_params(model, cfg.optimizer)
     decay = [p for p in adamw if p.ndim >= 2]  # embeddings and head decay; norms and biases do not
     no_decay = [p for p in adamw if p.ndim < 2]
-    # One fused kernel over all plain tensors (CPU and CUDA); the per-tensor loop where DTensor
-    # shards and plain tensors mix (EP + FSDP), which neither fused nor foreach can group.
-    fused = not any(isinstance(p, DTensor) for p in adamw)
+    # One fused kernel (CPU and CUDA; DTensor shards it per shard, so FSDP2 alone fuses too); the
+    # per-tensor loop where DTensor shards and plain tensors mix (EP + FSDP), which neither fused
+    # nor foreach can group.
+    kinds = {isinstance(p, DTensor) for p in adamw}
+    fused = len(kinds) <= 1
     opts: list[torch.optim.Optimizer] = [
         torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
