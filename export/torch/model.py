@@ -309,19 +309,17 @@ class GLMModel(nn.Module):
         return rope_cos_sin(positions, self.rotary_dim, self.rope_theta)
 
     def forward(
-        self, input_ids: Tensor, positions: Tensor, stats: list[tuple[Tensor, Tensor]] | None = None
+        self, input_ids: Tensor, rope: Rope, stats: list[tuple[Tensor, Tensor]] | None = None
     ) -> Tensor:
         x = self.embed_tokens(input_ids)
-        rope = self.rope(positions)
         for layer in self.layers:
             x = layer(x, rope, stats)
         return self.norm(x)
 
     def forward_cached(
-        self, input_ids: Tensor, positions: Tensor, past: list[KV], mask: Tensor
+        self, input_ids: Tensor, rope: Rope, past: list[KV], mask: Tensor
     ) -> tuple[Tensor, list[KV]]:
         x = self.embed_tokens(input_ids)
-        rope = self.rope(positions)
         presents = []
         for layer, kv in zip(cast("list[DecoderLayer]", self.layers), past, strict=True):
             x, present = layer.forward_cached(x, rope, kv, mask)
@@ -353,7 +351,7 @@ class GLMForCausalLM(nn.Module):
     def hidden(self, input_ids: Tensor, positions: Tensor | None = None) -> Tensor:
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        return self.model(input_ids, positions)
+        return self.model(input_ids, self.model.rope(positions))
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None) -> Tensor:
         return self.head(self.hidden(input_ids, positions))
@@ -364,9 +362,9 @@ class GLMForCausalLM(nn.Module):
         """Logits [B, S, V] and, per MTP layer k, logits [B, S-k-1, V] for tokens t + k + 2.
         With `stats`, each MoE layer appends (scores, ids) for balance losses, MTP included."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        h = self.model(input_ids, positions, stats)
-        logits = self.head(h)
         cos, sin = self.model.rope(positions)
+        h = self.model(input_ids, (cos, sin), stats)
+        logits = self.head(h)
         mtp_logits = []
         for k, layer in enumerate(cast("list[MTPLayer]", self.model.mtp)):
             # Position t combines h_t with the embedding of token t+1 (HF uses positions t+1;
@@ -396,7 +394,7 @@ class GLMForCausalLM(nn.Module):
         `attention_mask` [B, P+S] (1 = real token) masks padding. Returns logits [B, S, V], the
         final hidden state [B, S, H] (what the MTP layer reads) and the caches grown to P+S."""
         mask = attention_bias_mask(past[0][0].shape[2] if past else 0, input_ids, attention_mask)
-        h, presents = self.model.forward_cached(input_ids, positions, past, mask)
+        h, presents = self.model.forward_cached(input_ids, self.model.rope(positions), past, mask)
         return self.head(h), h, presents
 
     def mtp_cached(
