@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from specs import WIDE  # tests/specs.py
 
 import glmc
 import glmc.api
@@ -33,19 +34,6 @@ from glmc.ir import CheckpointError, Graph
 from glmc.lower import lower
 from glmc.pipeline import run_pipeline
 from glmc.spec import ModelSpec
-
-WIDE = {  # GEMM dims multiples of 128: block128 scales can follow a tp=2 split
-    "name": "glm-wide",
-    "vocab_size": 256,
-    "hidden_size": 256,
-    "num_layers": 3,
-    "num_dense_layers": 1,
-    "attention": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 128, "qk_norm": True, "qkv_bias": True},
-    "mlp": {"intermediate_size": 256},
-    "moe": {"num_experts": 4, "top_k": 2, "intermediate_size": 256, "routed_scaling_factor": 2.5},
-    "num_mtp_layers": 1,
-    "max_position_embeddings": 4096,
-}
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:

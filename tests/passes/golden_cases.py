@@ -3,25 +3,13 @@
 
 from __future__ import annotations
 
+from specs import WIDE  # tests/specs.py
+
 from glmc import presets
 from glmc.ir import Graph, format_graph
 from glmc.lower import lower
 from glmc.pipeline import run_pipeline
 from glmc.spec import ModelSpec
-
-# A GLM-shaped spec whose GEMM dims are multiples of 128, so block128 can follow tp=2 splits.
-WIDE = {
-    "name": "glm-wide",
-    "vocab_size": 256,
-    "hidden_size": 256,
-    "num_layers": 3,
-    "num_dense_layers": 1,
-    "attention": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 128, "qk_norm": True, "qkv_bias": True},
-    "mlp": {"intermediate_size": 256},
-    "moe": {"num_experts": 4, "top_k": 2, "intermediate_size": 256, "routed_scaling_factor": 2.5},
-    "num_mtp_layers": 1,
-    "max_position_embeddings": 4096,
-}
 
 CASES: dict[str, tuple[str, str]] = {
     "fuse-moe": ("glm-tiny", "fuse-moe"),
