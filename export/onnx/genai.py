@@ -34,18 +34,7 @@ def genai_config(
         "num_key_value_heads": att.nkv,
         "num_hidden_layers": len(model.model.layers),
         "session_options": session,
-        "inputs": {
-            "input_ids": "input_ids",
-            "attention_mask": "attention_mask",
-            "position_ids": "position_ids",
-            "past_key_names": "past_key_values.%d.key",
-            "past_value_names": "past_key_values.%d.value",
-        },
-        "outputs": {
-            "logits": "logits",
-            "present_key_names": "present.%d.key",
-            "present_value_names": "present.%d.value",
-        },
+        **_io(mtp=False),
     }
     cfg: dict[str, Any] = {
         "model": {
@@ -84,19 +73,29 @@ def genai_config(
             "head_size": mtp_att.d,
             "main_hidden_states": "hidden_states",
             "session_options": session,
-            "inputs": {
-                "input_ids": "input_ids",
-                "hidden_states": "hidden_states",
-                "attention_mask": "attention_mask",
-                "position_ids": "position_ids",
-                "past_key_names": "past_key_values.%d.key",
-                "past_value_names": "past_key_values.%d.value",
-            },
-            "outputs": {
-                "logits": "logits",
-                "hidden_states": "hidden_states_out",
-                "present_key_names": "present.%d.key",
-                "present_value_names": "present.%d.value",
-            },
+            **_io(mtp=True),
         }
     return cfg
+
+
+def _io(*, mtp: bool) -> dict[str, dict[str, str]]:
+    """genai's input/output name maps for the decoder or the MTP graph (names as export/steps.py
+    gives them; the MTP graph also reads and returns hidden states)."""
+    hidden_in = {"hidden_states": "hidden_states"} if mtp else {}
+    hidden_out = {"hidden_states": "hidden_states_out"} if mtp else {}
+    return {
+        "inputs": {
+            "input_ids": "input_ids",
+            **hidden_in,
+            "attention_mask": "attention_mask",
+            "position_ids": "position_ids",
+            "past_key_names": "past_key_values.%d.key",
+            "past_value_names": "past_key_values.%d.value",
+        },
+        "outputs": {
+            "logits": "logits",
+            **hidden_out,
+            "present_key_names": "present.%d.key",
+            "present_value_names": "present.%d.value",
+        },
+    }
