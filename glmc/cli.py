@@ -13,12 +13,13 @@ from typing import Any
 from glmc.commands import COMMANDS
 from glmc.commands._common import EXIT_BAD_INPUT, EXIT_OK
 from glmc.errors import GlmcError
+from glmc.untrusted import one_line
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse's own usage errors are bad input too
-        self.print_usage(sys.stderr)
-        print(f"glmc: error: {message}", file=sys.stderr)
+        # One line like every other error (the usage text runs over several): point at --help.
+        print(f"glmc: error: {one_line(message)} (see '{self.prog} --help')", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT)
 
 
@@ -53,7 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         return int(modules[args.command].run(args))
     except GlmcError as e:
-        print(f"glmc: error: {e}", file=sys.stderr)
+        # Messages quote user input (values, file names, YAML context): one printable line,
+        # clipped, whatever the input held.
+        print(f"glmc: error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("glmc: interrupted", file=sys.stderr)

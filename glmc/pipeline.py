@@ -12,6 +12,7 @@ A pass may appear once.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 import typing
@@ -22,8 +23,12 @@ from typing import Any, Literal
 from glmc.errors import GlmcError
 from glmc.ir import Graph, verify
 from glmc.passes import Pass, registry
+from glmc.untrusted import clip, has_control_chars
 
 _ITEM = re.compile(r"\s*([a-z][a-z0-9-]*)\s*(?:\{([^{}]*)\})?\s*(?:,|$)")
+# Integer arguments are plain decimal: no `1_000`, no other scripts' digits, no sign but `-`,
+# and short enough that no conversion or later arithmetic can run away.
+_INT = re.compile(r"-?[0-9]{1,18}")
 
 
 class PipelineError(GlmcError):
@@ -52,17 +57,22 @@ def parse(text: str) -> list[PassCall]:
     calls: list[PassCall] = []
     pos = 0
     text = text.strip()
+    if has_control_chars(text):
+        raise PipelineError(f"pipeline {clip(repr(text))} holds control characters")
     while pos < len(text):
         m = _ITEM.match(text, pos)
         if not m or m.end() == pos:
-            raise PipelineError(f"cannot parse pipeline {text!r} at character {pos}: {text[pos:]!r}")
+            raise PipelineError(
+                f"cannot parse pipeline {clip(repr(text))} at character {pos}: {clip(repr(text[pos:]))}"
+            )
+        name = clip(m.group(1), 40)
         args: list[tuple[str, str]] = []
         for part in filter(None, (p.strip() for p in (m.group(2) or "").split(","))):
             key, eq, value = part.partition("=")
             if not eq or not key.strip():
-                raise PipelineError(f"pass {m.group(1)}: argument {part!r} is not key=value")
+                raise PipelineError(f"pass {name}: argument {clip(repr(part))} is not key=value")
             if key.strip() in (k for k, _ in args):
-                raise PipelineError(f"pass {m.group(1)}: argument {key.strip()} is given twice")
+                raise PipelineError(f"pass {name}: argument {clip(key.strip())} is given twice")
             args.append((key.strip(), value.strip()))
         calls.append(PassCall(m.group(1), tuple(args)))
         pos = m.end()
@@ -77,21 +87,28 @@ def _convert(pass_name: str, field: str, typ: Any, value: str) -> Any:
             if value == str(c):
                 return c
         raise PipelineError(
-            f"pass {pass_name}: argument {field}={value!r} is not one of {', '.join(map(str, choices))}"
+            f"pass {pass_name}: argument {field}={clip(repr(value))} is not one of "
+            f"{', '.join(map(str, choices))}"
         )
-    try:
-        if typ is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            return value.lower() in ("true", "1")
-        if typ is int:
-            return int(value)
-        if typ is float:
-            return float(value)
-    except ValueError:
-        raise PipelineError(
-            f"pass {pass_name}: argument {field}={value!r} is not a valid {typ.__name__}"
-        ) from None
+    bad = PipelineError(
+        f"pass {pass_name}: argument {field}={clip(repr(value))} is not a valid {typ.__name__}"
+    )
+    if typ is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise bad
+        return value.lower() in ("true", "1")
+    if typ is int:
+        if not _INT.fullmatch(value):
+            raise bad
+        return int(value)
+    if typ is float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise bad from None
+        if not math.isfinite(x) or len(value) > 40:
+            raise bad
+        return x
     return value
 
 
@@ -102,7 +119,7 @@ def build(text: str) -> list[Pass]:
         cls = known.get(call.name)
         if cls is None:
             names = ", ".join(sorted(known)) or "none are registered yet"
-            raise PipelineError(f"unknown pass {call.name!r} in pipeline; known passes: {names}")
+            raise PipelineError(f"unknown pass {clip(repr(call.name))} in pipeline; known passes: {names}")
         if any(p.name == call.name for p in passes):
             raise PipelineError(f"pass {call.name} appears twice in the pipeline")
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -111,7 +128,8 @@ def build(text: str) -> list[Pass]:
         for key, value in call.args:
             if key not in fields:
                 raise PipelineError(
-                    f"pass {call.name} has no argument {key!r}; it takes: {', '.join(sorted(fields)) or 'none'}"
+                    f"pass {call.name} has no argument {clip(repr(key))}; it takes: "
+                    f"{', '.join(sorted(fields)) or 'none'}"
                 )
             kwargs[key] = _convert(call.name, key, types[key], value)
         try:

@@ -15,6 +15,7 @@ a "default" list for layers it does not name. Layers without any histogram are c
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 from functools import lru_cache
@@ -80,27 +81,39 @@ def balanced(loads: list[float], ep: int, redundant: int) -> Placement:
 
 @lru_cache(maxsize=64)  # layers without a histogram of their own share one placement
 def _balanced(loads: tuple[float, ...], ep: int, redundant: int) -> Placement:
+    # Heaps keep this O((E + R) log(E + ep)): a plan with tens of thousands of slots is placed
+    # in well under a second (a linear scan per replica took hours at ep in the thousands).
     n = len(loads)
     replicas = [1] * n
+    # The expert whose replicas carry the most tokens each gets one more (at most one per rank);
+    # ties go to the lower expert id.
+    heap = [(-loads[i], i) for i in range(n) if ep > 1]
+    heapq.heapify(heap)
     for _ in range(redundant):
-        # The expert whose replicas carry the most tokens each gets one more (at most one per rank).
-        e = max((i for i in range(n) if replicas[i] < ep), key=lambda i: (loads[i] / replicas[i], -i))
+        _, e = heapq.heappop(heap)
         replicas[e] += 1
-    items = sorted(
-        ((loads[e] / replicas[e], e) for e in range(n) for _ in range(replicas[e])),
-        key=lambda t: (-t[0], t[1]),
-    )
+        if replicas[e] < ep:
+            heapq.heappush(heap, (-(loads[e] / replicas[e]), e))
+    # Replicas heaviest first; an expert's replicas weigh the same, so they come one after another.
+    order = sorted(range(n), key=lambda e: (-(loads[e] / replicas[e]), e))
     slots = (n + redundant) // ep
     bins: list[list[int]] = [[] for _ in range(ep)]
     weight = [0.0] * ep
-    for w, e in items:
-        free = [r for r in range(ep) if len(bins[r]) < slots and e not in bins[r]]
-        if not free:
-            r = _make_room(bins, e, slots)
-        else:
-            r = min(free, key=lambda r: (weight[r], r))
-        bins[r].append(e)
-        weight[r] += w
+    free = [(0.0, r) for r in range(ep)]  # (weight, rank) of ranks with a free slot
+    for e in order:
+        w = loads[e] / replicas[e]
+        taken: list[int] = []  # ranks given a replica of e: no second copy there
+        for _ in range(replicas[e]):
+            if free:
+                _, r = heapq.heappop(free)  # the least-loaded rank with a free slot, lowest id first
+            else:  # every rank with a free slot already holds e
+                r = _make_room(bins, e, slots)
+            bins[r].append(e)
+            weight[r] += w
+            taken.append(r)
+        for r in taken:  # _make_room may have filled one of them; only ranks with room go back
+            if len(bins[r]) < slots:
+                heapq.heappush(free, (weight[r], r))
     return tuple(tuple(sorted(b)) for b in bins)
 
 

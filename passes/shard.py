@@ -42,6 +42,12 @@ from ._collectives import insert_collectives
 from ._pipeline_stages import balance as balance_stages
 from .base import Pass, PassError
 
+# Far above any cluster (and any expert layout) built so far, and small enough that planning,
+# verifying and printing a plan stays quick.
+MAX_WORLD_SIZE = 2**20
+MAX_EXPERT_SLOTS = 2**16
+MAX_SEQ_LEN = 2**30
+
 
 @dataclass(frozen=True)
 class Shard(Pass):
@@ -65,6 +71,16 @@ class Shard(Pass):
                 raise ValueError(f"{f} must be a positive integer, got {getattr(self, f)}")
         if self.redundant_experts < 0:
             raise ValueError(f"redundant_experts must be >= 0, got {self.redundant_experts}")
+        world = self.pp * self.dp * self.ep * self.tp
+        if world > MAX_WORLD_SIZE:
+            raise ValueError(
+                f"the mesh pp x dp x ep x tp = {self.pp} x {self.dp} x {self.ep} x {self.tp} = {world} ranks "
+                f"exceeds {MAX_WORLD_SIZE}"
+            )
+        if self.redundant_experts > MAX_EXPERT_SLOTS:
+            raise ValueError(f"redundant_experts={self.redundant_experts} exceeds {MAX_EXPERT_SLOTS}")
+        if self.seq_len > MAX_SEQ_LEN:
+            raise ValueError(f"seq_len={self.seq_len} exceeds {MAX_SEQ_LEN}")
 
     def apply(self, graph: Graph) -> Graph:
         if graph.attr("mesh", None) is not None:
@@ -133,13 +149,25 @@ class Shard(Pass):
                 f"{e * (ep - 1)}: an expert can have at most one copy per rank"
             )
         slots = e + self.redundant_experts
+        if slots > MAX_EXPERT_SLOTS:
+            raise PassError(
+                f"shard: moe.num_experts + redundant_experts = {slots} expert slots per layer exceeds "
+                f"{MAX_EXPERT_SLOTS}"
+            )
         if slots % ep:
             divisors = [d for d in range(1, e + 1) if e % d == 0]
+            fill = self.redundant_experts + (-slots) % ep
+            # Suggest padding with replicas only where that plan would itself be accepted.
+            pad = fill <= e * (ep - 1) and e + fill <= MAX_EXPERT_SLOTS
             raise PassError(
                 f"shard: ep={ep} does not divide moe.num_experts={e}"
                 + (f" + redundant_experts={self.redundant_experts}" if self.redundant_experts else "")
-                + f"; use ep in {divisors}, or redundant_experts={self.redundant_experts + (-slots) % ep} "
-                f"to give each of the {ep} ranks {-(-slots // ep)} expert slots"
+                + f"; use ep in {divisors}"
+                + (
+                    f", or redundant_experts={fill} to give each of the {ep} ranks {-(-slots // ep)} expert slots"
+                    if pad
+                    else ""
+                )
             )
 
     # ---- placements -------------------------------------------------------------------------

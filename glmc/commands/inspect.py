@@ -49,11 +49,16 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return EXIT_OK
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+
+    from glmc.untrusted import printable
 
     console = Console()
     p, f, kv = info["params"], info["flops_per_token"], info["kv_cache_bytes_per_token"]
-    t = Table(title=f"glmc inspect: {info['name']}", show_header=True, header_style="bold")
+    # The name is validated printable; escape it for rich too, where `[...]` is markup.
+    title = f"glmc inspect: {escape(printable(info['name']))}"
+    t = Table(title=title, show_header=True, header_style="bold")
     t.add_column("quantity")
     t.add_column("value", justify="right")
     t.add_column("note")
