@@ -8,6 +8,7 @@ loss-free balancing). One process, or many under torchrun:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from glmc.commands._common import EXIT_OK, add_spec_argument
@@ -63,7 +64,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint interval (0: at the end)")
-    p.add_argument("--resume", help="checkpoint folder, or 'auto' for the latest in the run folder")
+    p.add_argument(
+        "--resume",
+        help="checkpoint folder, or 'auto' for the latest in the run folder (none there: a fresh start "
+        "if the folder is empty, refused if it holds files)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="the run folder holds an earlier run: delete its contents and start over (not with --resume)",
+    )
     p.add_argument("--no-export", action="store_true", help="skip the Hugging Face export at the end")
     p.add_argument("--peak-tflops", type=float, help="per-device peak for MFU (default: a stated guess)")
     p.add_argument("--no-progress", action="store_true")
@@ -80,7 +90,7 @@ def config_from_args(args: argparse.Namespace) -> object:
         tokenizer=args.tokenizer,
         include=tuple(args.include or ["*"]),
         exclude=tuple(args.exclude),
-        max_bytes=int(args.max_bytes) if args.max_bytes else None,
+        max_bytes=_whole(args.max_bytes),  # type: ignore[arg-type]  # TrainConfig refuses a non-whole value
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
@@ -108,7 +118,14 @@ def config_from_args(args: argparse.Namespace) -> object:
         export_hf=not args.no_export,
         peak_tflops=args.peak_tflops,
         progress=not args.no_progress,
+        force=args.force,
     )
+
+
+def _whole(v: float | None) -> int | float | None:
+    """--max-bytes 1e6 -> 1000000; a value that is not a whole number goes to TrainConfig as
+    it is, which refuses it naming the flag."""
+    return int(v) if v is not None and math.isfinite(v) and v.is_integer() else v
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,30 +1,46 @@
-"""Distributed checkpoints (torch.distributed.checkpoint) and the Hugging Face export.
+"""Training checkpoints in safetensors and JSON (nothing is ever unpickled), and the Hugging Face
+export.
 
-A checkpoint folder `out/checkpoints/step-NNNNNN/` holds DCP's files for the model (router
-biases included: they are persistent buffers) and the optimisers, `trainer.json` (step,
-schedulers, config, data fingerprint) and one `rng-RANK.pt` per rank. The data sampler is a
-function of the step, so the step is its whole state. Written to a temporary folder, then
-renamed: a folder with this name is complete.
+A checkpoint folder `out/checkpoints/step-NNNNNN/` holds exactly:
 
-Expert-parallel weights are plain local tensors (one slice per EP rank); for DCP they are
-presented as DTensors sharded over the EP mesh (replicated over edp), so the checkpoint holds
-the global [E, ...] tensors and can be read back under another plan.
+- `trainer.json`: format, step, world size, schedulers, config, the resolved spec, the data
+  fingerprint, and every non-tensor leaf of the optimiser state (param_groups), flattened;
+- `rank-RRRRR.safetensors`, one per rank: the tensors this rank owns, each the rank's local piece
+  of a (possibly sharded) tensor. The header's `glmc` metadata (JSON) gives each piece's global
+  shape and offset; the rank's RNG state is a uint8 tensor in the same file.
+
+A piece is written once: a DTensor's local shard by the rank at coordinate 0 of every mesh
+dimension the tensor is replicated over, a plain tensor (replicated on every rank) by rank 0.
+Loading assembles each rank's local pieces from whichever files hold the overlapping regions,
+so a checkpoint can be read back under another plan. torch.distributed.checkpoint is not used:
+its `.metadata` file is a pickle and its loader unpickles non-tensor entries, so a crafted run
+folder could run code. Any file other than the ones above (a planted `.metadata`, `*.pt`,
+`*.distcp`) makes the whole checkpoint refused.
+
+Expert-parallel weights are plain local tensors (one slice per EP rank); they are presented as
+DTensors sharded over the EP mesh (replicated over edp), so the checkpoint holds the global
+[E, ...] tensors. Written to a temporary folder, then renamed: a folder with this name is complete.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import math
+import re
 import shutil
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -32,11 +48,27 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from glmc.errors import CheckpointError
+from glmc.errors import CheckpointError, GlmcError
 from glmc.train.parallel import expert_params
 from glmc.train.plan import Dist
 
+FORMAT = "glmc-train-checkpoint/1"
 TRAINER_FILE = "trainer.json"
+_RANK_FILE = re.compile(r"rank-(\d{5})\.safetensors")
+_STEP_DIR = re.compile(r"step-\d{6,}")
+_META_KEY = "glmc"
+RNG_CPU, RNG_CUDA = "rng/cpu", "rng/cuda"
+# Files torch.save / torch.distributed.checkpoint write; named in the refusal so a planted pickle
+# is recognised as one.
+_PICKLE_NAMES = (".metadata",)
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".distcp")
+# Optimiser param_group entries that say how the step runs on this plan (fused kernels need every
+# parameter of one kind), not what it computes: they stay as built, the rest come from the file.
+_EXECUTION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.safetensors"
 
 
 @dataclass
@@ -44,7 +76,32 @@ class TrainerState:
     step: int  # optimizer steps completed
     schedulers: list[dict[str, Any]]
     config: dict[str, Any]
-    data: dict[str, Any]  # fingerprint: tokenizer, seq_len, num_sequences
+    data: dict[str, Any]  # fingerprint: tokenizer, seq_len, num_sequences, sha256 of the tokens
+    spec: dict[str, Any] = field(default_factory=dict)  # the resolved ModelSpec, as JSON
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One stored piece of a tensor: where it lies in the global tensor and which file holds it."""
+
+    file: Path
+    key: str
+    offset: tuple[int, ...]
+    shape: tuple[int, ...]
+    global_shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint folder whose bookkeeping and file headers were checked (no tensor read yet)."""
+
+    path: Path
+    state: TrainerState
+    world: int
+    values: dict[str, Any]  # non-tensor leaves of the optimiser state, by path
+    pieces: dict[str, list[_Piece]]  # tensor path -> its stored pieces
+    rng: dict[int, Path]  # rank -> the file holding its RNG state
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -52,8 +109,36 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 
 def latest(run_dir: Path) -> Path | None:
-    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / TRAINER_FILE).is_file())
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return None
+    done = sorted(p for p in folder.iterdir() if _STEP_DIR.fullmatch(p.name) and p.is_dir())
     return done[-1] if done else None
+
+
+# --- the state as (path, leaf) pairs -----------------------------------------------------------
+
+
+def _flatten(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Leaves of a model/optimiser state dict by '/'-joined path. Dicts and lists of dicts
+    (param_groups) are walked; tensors and plain values (numbers, strings, lists of them) are
+    leaves."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flatten(v, f"{prefix}/{k}" if prefix else str(k))
+    elif isinstance(tree, (list, tuple)) and any(isinstance(v, (dict, Tensor)) for v in tree):
+        for i, v in enumerate(tree):
+            yield from _flatten(v, f"{prefix}/{i}")
+    else:
+        yield prefix, tree
+
+
+def _replace_leaves(tree: Any, new: dict[str, Any], prefix: str = "") -> Any:
+    if isinstance(tree, dict):
+        return {k: _replace_leaves(v, new, f"{prefix}/{k}" if prefix else str(k)) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)) and any(isinstance(v, (dict, Tensor)) for v in tree):
+        return type(tree)(_replace_leaves(v, new, f"{prefix}/{i}") for i, v in enumerate(tree))
+    return new.get(prefix, tree)
 
 
 def _expert_names(module: nn.Module) -> set[str]:
@@ -93,13 +178,56 @@ def _unwrap(sd: Any) -> Any:
     return sd
 
 
-def _dcp_state(module: nn.Module, opts: list[torch.optim.Optimizer], d: Dist) -> dict[str, Any]:
+def _sharded_state(module: nn.Module, opts: list[torch.optim.Optimizer], d: Dist) -> dict[str, Any]:
     model_sd, optim_sd = get_state_dict(module, opts)
     if d.plan.ep > 1:
         names, mesh = _expert_names(module), d.ep_mesh
         model_sd = _wrap_experts(model_sd, names, mesh)
         optim_sd = _wrap_experts(optim_sd, names, mesh)
     return {"model": model_sd, "optim": optim_sd}
+
+
+def _local_piece(t: Tensor, rank: int = 0) -> tuple[Tensor, tuple[int, ...], tuple[int, ...], bool]:
+    """(local tensor, its offset in the global tensor, the global shape, whether this rank
+    writes it: the first replica of a DTensor shard; rank 0 for a plain, replicated tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        chunk = t.__create_chunk_list__()[0]
+        coord = t.device_mesh.get_coordinate()
+        owner = coord is not None and all(
+            c == 0 for c, p in zip(coord, t.placements, strict=True) if not p.is_shard()
+        )
+        return t.to_local(), tuple(int(o) for o in chunk.offsets), tuple(t.shape), owner
+    return t, (0,) * t.ndim, tuple(t.shape), rank == 0
+
+
+# --- saving ------------------------------------------------------------------------------------
+
+
+def _write_rank_file(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _agree(d: Dist, error: OSError | None, tmp: Path, final: Path) -> None:
+    """Every rank learns whether any rank failed to write; then all stop together (rank 0
+    removes the partial folder) instead of the others waiting for the failed one forever."""
+    failed = error is not None
+    if d.world > 1:
+        flag = torch.tensor([int(failed)], device=d.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        failed = bool(flag.item())
+    if not failed:
+        return
+    d.barrier()
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if error is None:
+        raise GlmcError(f"cannot write the checkpoint {final}: another rank failed to write its part")
+    why = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+    raise GlmcError(
+        f"cannot write the checkpoint {final}: {why} ({error.filename or tmp}); removed {tmp.name}"
+    )
 
 
 def save(
@@ -112,72 +240,404 @@ def save(
 ) -> Path:
     final = checkpoint_dir(run_dir, state.step)
     tmp = final.with_name(f".{final.name}.tmp")
+    error: OSError | None = None
     if d.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    d.barrier()
-    with warnings.catch_warnings():  # DCP warns that a single process saves alone
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(_dcp_state(module, opts, d), checkpoint_id=str(tmp), no_dist=d.world == 1)
-    torch.save(torch.get_rng_state(), tmp / f"rng-{d.rank}.pt")
-    if d.is_main:
-        body = {
-            "step": state.step,
-            "schedulers": state.schedulers,
-            "config": state.config,
-            "data": state.data,
-        }
-        (tmp / TRAINER_FILE).write_text(json.dumps(body, indent=2, default=str) + "\n")
-    d.barrier()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            error = e
+    _agree(d, error, tmp, final)
+
+    tensors: dict[str, Tensor] = {}
+    pieces: dict[str, dict[str, list[int]]] = {}
+    values: dict[str, Any] = {}
+    for key, leaf in _flatten(_sharded_state(module, opts, d)):
+        if not isinstance(leaf, Tensor):
+            values[key] = leaf
+            continue
+        local, offset, global_shape, owner = _local_piece(leaf, d.rank)
+        if owner:
+            # A copy: safetensors refuses tensors sharing storage (FSDP2 shards are views).
+            tensors[key] = local.detach().to("cpu", copy=True).contiguous()
+            pieces[key] = {"offset": list(offset), "global_shape": list(global_shape)}
+    tensors[RNG_CPU] = torch.get_rng_state()
+    if d.device.type == "cuda":
+        tensors[RNG_CUDA] = torch.cuda.get_rng_state(d.device)
+    meta = {_META_KEY: json.dumps({"format": FORMAT, "rank": d.rank, "world": d.world, "pieces": pieces})}
+    try:
+        _write_rank_file(tmp / rank_file(d.rank), tensors, meta)
+        if d.is_main:
+            body = {
+                "format": FORMAT,
+                "step": state.step,
+                "world": d.world,
+                "schedulers": state.schedulers,
+                "config": state.config,
+                "data": state.data,
+                "spec": state.spec,
+                "optimizer_values": values,
+            }
+            (tmp / TRAINER_FILE).write_text(json.dumps(body, indent=2, default=str) + "\n")
+    except OSError as e:
+        error = e
+    _agree(d, error, tmp, final)
     if d.is_main:
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        old = sorted(p for p in final.parent.glob("step-*") if p != final)
+        old = sorted(p for p in final.parent.iterdir() if _STEP_DIR.fullmatch(p.name) and p != final)
         for p in old[: max(0, len(old) - (keep - 1))] if keep > 0 else []:
             shutil.rmtree(p, ignore_errors=True)
     d.barrier()
     return final
 
 
-def read_trainer_state(path: Path) -> TrainerState:
-    """Validate a checkpoint folder's bookkeeping (before any weights are touched)."""
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    f = path / TRAINER_FILE
-    if not f.is_file() or not (path / ".metadata").is_file():
+# --- reading -----------------------------------------------------------------------------------
+
+
+def _ints(v: Any, what: str, where: Path) -> tuple[int, ...]:
+    if not isinstance(v, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v
+    ):
         raise CheckpointError(
-            f"{path}: not a complete glmc training checkpoint (needs {TRAINER_FILE} and DCP's .metadata)"
+            f"{where}: {what} is not a list of non-negative integers; the checkpoint is corrupt"
         )
+    return tuple(v)
+
+
+def _check_files(path: Path, world: int) -> None:
+    expected = {TRAINER_FILE} | {rank_file(r) for r in range(world)}
+    for f in sorted(path.iterdir()):
+        if f.name in expected:
+            continue
+        if f.name in _PICKLE_NAMES or f.suffix in _PICKLE_SUFFIXES:
+            raise CheckpointError(
+                f"{f}: a pickle-based file (torch.save / torch.distributed.checkpoint format) in a glmc "
+                "checkpoint; glmc never unpickles files from a run folder (unpickling can run code), "
+                "so this checkpoint is refused"
+            )
+        raise CheckpointError(
+            f"{f}: unexpected in a glmc training checkpoint (it holds only {TRAINER_FILE} and "
+            f"rank-NNNNN.safetensors); refusing it"
+        )
+    for r in range(world):
+        if not (path / rank_file(r)).is_file():
+            raise CheckpointError(f"{path / rank_file(r)}: missing; the checkpoint is incomplete")
+
+
+def _read_trainer_file(path: Path) -> tuple[TrainerState, int, dict[str, Any]]:
+    f = path / TRAINER_FILE
+    if not f.is_file():
+        raise CheckpointError(f"{path}: not a glmc training checkpoint (no {TRAINER_FILE})")
     try:
         body = json.loads(f.read_text())
-        return TrainerState(
-            int(body["step"]), list(body["schedulers"]), dict(body["config"]), dict(body["data"])
+        if not isinstance(body, dict) or body.get("format") != FORMAT:
+            found = body.get("format") if isinstance(body, dict) else None
+            raise CheckpointError(
+                f"{f}: format {found!r}, expected {FORMAT!r} (older glmc checkpoints used "
+                "torch.distributed.checkpoint, whose pickled metadata glmc no longer loads)"
+            )
+        step, world, values = body["step"], body["world"], body["optimizer_values"]
+        if not (isinstance(step, int) and step >= 0 and isinstance(world, int) and world >= 1):
+            raise ValueError("step and world must be non-negative integers")
+        if not isinstance(values, dict):
+            raise TypeError("optimizer_values must be an object")
+        state = TrainerState(
+            step, list(body["schedulers"]), dict(body["config"]), dict(body["data"]), dict(body["spec"])
         )
-    except (ValueError, KeyError, TypeError) as e:
+        if not all(isinstance(s, dict) for s in state.schedulers):
+            raise TypeError("schedulers must be objects")
+        return state, world, values
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{f}: unreadable ({e}); the checkpoint is corrupt") from None
 
 
-def load(path: Path, module: nn.Module, opts: list[torch.optim.Optimizer], d: Dist) -> None:
-    """Load weights, router biases and optimiser state in place; restore this rank's RNG."""
-    state = _dcp_state(module, opts, d)
+def _read_header(f: Path, rank: int, world: int) -> tuple[list[_Piece], bool]:
+    """The pieces a rank file holds (headers only; safetensors checks that the file covers every
+    tensor, so a truncated file fails here) and whether it holds the RNG state."""
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path), no_dist=d.world == 1)
-    except (Exception, CheckpointException) as e:  # DCP's own exception is a BaseException
-        # CheckpointException carries each rank's traceback; its last line names the cause.
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        msg = lines[-1] if lines else type(e).__name__
+        with safe_open(str(f), framework="pt") as h:
+            meta = json.loads((h.metadata() or {}).get(_META_KEY, "null"))
+            keys = set(h.keys())
+            info = {k: (tuple(h.get_slice(k).get_shape()), str(h.get_slice(k).get_dtype())) for k in keys}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: unreadable ({str(e)[:200]}); the checkpoint is corrupt") from None
+    if not isinstance(meta, dict) or meta.get("rank") != rank or meta.get("world") != world:
         raise CheckpointError(
-            f"{path}: cannot restore the model and optimiser state ({msg[:300]}); "
-            "the checkpoint is corrupt or was written for another model"
+            f"{f}: its header does not describe rank {rank} of {world}; the checkpoint is corrupt"
+        )
+    raw = meta.get("pieces")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{f}: no piece table in its header; the checkpoint is corrupt")
+    pieces = []
+    for key, m in raw.items():
+        if key not in info or not isinstance(m, dict):
+            raise CheckpointError(f"{f}: {key} is listed but not stored; the checkpoint is corrupt")
+        shape, dtype = info[key]
+        offset = _ints(m.get("offset"), f"{key}'s offset", f)
+        gshape = _ints(m.get("global_shape"), f"{key}'s global shape", f)
+        if not (len(offset) == len(shape) == len(gshape)) or any(
+            o + s > g for o, s, g in zip(offset, shape, gshape, strict=True)
+        ):
+            raise CheckpointError(
+                f"{f}: {key} does not fit its global shape {list(gshape)}; the checkpoint is corrupt"
+            )
+        pieces.append(_Piece(f, key, offset, shape, gshape, dtype))
+    extra = keys - set(raw) - {RNG_CPU, RNG_CUDA}
+    if extra:
+        raise CheckpointError(f"{f}: unlisted tensor {sorted(extra)[0]}; the checkpoint is corrupt")
+    return pieces, RNG_CPU in keys
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """Check a checkpoint folder's files, bookkeeping and headers, before any weights are touched."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    state, world, values = _read_trainer_file(path)
+    _check_files(path, world)
+    pieces: dict[str, list[_Piece]] = {}
+    rng: dict[int, Path] = {}
+    for r in range(world):
+        f = path / rank_file(r)
+        found, has_rng = _read_header(f, r, world)
+        for p in found:
+            pieces.setdefault(p.key, []).append(p)
+        if has_rng:
+            rng[r] = f
+    return Checkpoint(path, state, world, values, pieces, rng)
+
+
+def read_trainer_state(path: Path) -> TrainerState:
+    return open_checkpoint(path).state
+
+
+# Settings that make a run what it is: resuming with another value would either be silently
+# overridden by the checkpoint (learning rate, weight decay and betas live in the optimiser and
+# scheduler state) or continue a different run (seed, batch and sequence length choose the data).
+RUN_SETTINGS = {
+    "seed": "--seed",
+    "seq_len": "--seq-len",
+    "batch_size": "--batch-size",
+    "optimizer": "--optimizer",
+    "lr": "--lr",
+    "weight_decay": "--weight-decay",
+    "betas": "betas",
+}
+
+
+def _json(v: Any) -> Any:
+    return json.loads(json.dumps(v, default=str))
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            found = _first_difference(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+            if found:
+                return found
+        return None
+    return None if a == b else (prefix, a, b)
+
+
+def check_same_run(
+    ck: Checkpoint, config: dict[str, Any], spec: dict[str, Any], data: dict[str, Any]
+) -> None:
+    """Refuse a checkpoint of another run (other spec, data or run settings), naming the difference."""
+    theirs, ours = dict(ck.state.spec), dict(_json(spec))
+    theirs.pop("name", None), ours.pop("name", None)  # a renamed copy of the same architecture
+    diff = _first_difference(theirs, ours)
+    if diff:
+        raise CheckpointError(
+            f"{ck.path}: written for another model (spec {diff[0]} is {diff[1]!r} there, {diff[2]!r} here)"
+        )
+    for key in ("tokenizer", "tokenizer_vocab", "sha256"):
+        if ck.state.data.get(key) != data.get(key):
+            raise CheckpointError(
+                f"{ck.path}: written for other training data ({key} {ck.state.data.get(key)!r} there, "
+                f"{data.get(key)!r} here; --data, --include, --exclude, --max-bytes and --tokenizer choose it)"
+            )
+    for key, flag in RUN_SETTINGS.items():
+        before, now = ck.state.config.get(key), _json(config.get(key))
+        if before != now:
+            raise CheckpointError(
+                f"{ck.path}: written with {flag} {before!r}, this run has {now!r}; resume with the same "
+                "setting, or start a new run in another folder"
+            )
+
+
+def _region(
+    offset: tuple[int, ...], shape: tuple[int, ...], lo: list[int], hi: list[int]
+) -> tuple[slice, ...]:
+    return tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offset, strict=True))
+
+
+def _fill(ck: Checkpoint, key: str, target: Tensor, files: dict[Path, Any]) -> None:
+    """Copy the stored regions overlapping this rank's piece of `key` into it."""
+    local, offset, gshape, _ = _local_piece(target)
+    stored = ck.pieces.get(key)
+    if not stored:
+        raise CheckpointError(f"{ck.path}: holds no {key}; it was written for another model or optimiser")
+    dtype = str(local.dtype).removeprefix("torch.")
+    covered = 0
+    for p in stored:
+        if p.global_shape != gshape:
+            raise CheckpointError(
+                f"{ck.path}: {key} has shape {list(p.global_shape)} there, {list(gshape)} in this model; "
+                "it was written for another model"
+            )
+        if _SAFETENSORS_DTYPES.get(p.dtype) != dtype:
+            raise CheckpointError(f"{ck.path}: {key} is {p.dtype} there, {dtype} in this run")
+        lo = [max(a, b) for a, b in zip(offset, p.offset, strict=True)]
+        hi = [min(a + s, b + t) for a, s, b, t in zip(offset, local.shape, p.offset, p.shape, strict=True)]
+        if any(a >= b for a, b in zip(lo, hi, strict=True)):
+            continue
+        h = files[p.file]
+        src = h.get_slice(p.key)[_region(p.offset, p.shape, lo, hi)] if lo else h.get_tensor(p.key)
+        with torch.no_grad():
+            local[_region(offset, tuple(local.shape), lo, hi)].copy_(src)
+        covered += math.prod(b - a for a, b in zip(lo, hi, strict=True))
+    if covered != local.numel():
+        raise CheckpointError(
+            f"{ck.path}: the stored pieces of {key} do not cover it; the checkpoint is corrupt"
+        )
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
+
+
+def _restored_values(ck: Checkpoint, targets: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's non-tensor optimiser entries, typed like this run's (tuples stay tuples);
+    execution flags keep this plan's values."""
+    out: dict[str, Any] = {}
+    for key, now in targets.items():
+        if key.rsplit("/", 1)[-1] in _EXECUTION_FLAGS:
+            continue
+        if key not in ck.values:
+            raise CheckpointError(
+                f"{ck.path}: holds no optimiser entry {key}; it was written for another optimiser"
+            )
+        v = ck.values[key]
+        if key.endswith("/params") and v != now:
+            raise CheckpointError(
+                f"{ck.path}: optimiser group {key.removesuffix('/params')} holds other parameters there; "
+                "it was written for another model or --optimizer"
+            )
+        out[key] = tuple(v) if isinstance(now, tuple) and isinstance(v, list) else v
+    extra = sorted(set(ck.values) - set(targets))
+    if extra:
+        raise CheckpointError(f"{ck.path}: holds optimiser entry {extra[0]} this run does not have")
+    return out
+
+
+def load(ck: Checkpoint, module: nn.Module, opts: list[torch.optim.Optimizer], d: Dist) -> None:
+    """Load weights, router biases and optimiser state in place; restore this rank's RNG."""
+    state = _sharded_state(module, opts, d)
+    leaves = dict(_flatten(state))
+    tensor_keys = {k for k, v in leaves.items() if isinstance(v, Tensor)}
+    extra = sorted(set(ck.pieces) - tensor_keys)
+    if extra:
+        raise CheckpointError(f"{ck.path}: holds {extra[0]}, which this model and optimiser do not have")
+    values = _restored_values(ck, {k: v for k, v in leaves.items() if k not in tensor_keys})
+    with contextlib.ExitStack() as stack:
+        try:
+            files = {
+                p.file: stack.enter_context(safe_open(str(p.file), framework="pt"))
+                for ps in ck.pieces.values()
+                for p in ps
+            }
+            for key in sorted(tensor_keys):
+                _fill(ck, key, leaves[key], files)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(
+                f"{ck.path}: unreadable ({str(e)[:200]}); the checkpoint is corrupt"
+            ) from None
+    state = _unwrap(_replace_leaves(state, values))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        set_state_dict(module, opts, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    _restore_rng(ck, d)
+
+
+def _restore_rng(ck: Checkpoint, d: Dist) -> None:
+    f = ck.rng.get(d.rank)
+    if f is None:  # more ranks than the run that wrote it: this rank keeps its seeded generator
+        return
+    try:
+        with safe_open(str(f), framework="pt") as h:
+            cpu = h.get_tensor(RNG_CPU)
+            stored = set(h.keys())
+            cuda = h.get_tensor(RNG_CUDA) if RNG_CUDA in stored and d.device.type == "cuda" else None
+        want = torch.get_rng_state()
+        if cpu.dtype != torch.uint8 or cpu.shape != want.shape:
+            raise ValueError(f"{RNG_CPU} is {cpu.dtype} {list(cpu.shape)}, expected uint8 {list(want.shape)}")
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, d.device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{f}: cannot restore the RNG state ({str(e)[:200]}); the checkpoint is corrupt"
         ) from None
-    state = _unwrap(state)
-    set_state_dict(module, opts, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng = path / f"rng-{d.rank}.pt"
-    if rng.is_file():
-        torch.set_rng_state(torch.load(rng, weights_only=True))
+
+
+def restore_schedulers(ck: Checkpoint, scheds: Sequence[torch.optim.lr_scheduler.LRScheduler]) -> None:
+    """Load the schedulers' JSON state. LambdaLR.load_state_dict copies every key onto the object,
+    so only this run's own keys with numbers of the right kind are accepted."""
+    if len(ck.state.schedulers) != len(scheds):
+        raise CheckpointError(
+            f"{ck.path / TRAINER_FILE}: holds {len(ck.state.schedulers)} schedulers, this run has {len(scheds)}"
+        )
+    for i, (s, saved) in enumerate(zip(scheds, ck.state.schedulers, strict=True)):
+        now = s.state_dict()
+        bad = set(saved) ^ set(now)
+        for k in sorted(set(saved) & set(now)):
+            a, b = saved[k], now[k]
+            if isinstance(b, list):
+                kinds_ok = (
+                    isinstance(a, list)
+                    and len(a) == len(b)
+                    and all(
+                        (x is None) == (y is None) and (x is None or isinstance(x, (int, float)))
+                        for x, y in zip(a, b, strict=True)
+                    )
+                )
+            else:
+                kinds_ok = type(a) is type(b) or (isinstance(a, (int, float)) and isinstance(b, (int, float)))
+            if not kinds_ok or (isinstance(a, float) and not math.isfinite(a)):
+                bad.add(k)
+        if bad:
+            raise CheckpointError(
+                f"{ck.path / TRAINER_FILE}: scheduler {i} entry {sorted(bad)[0]!r} is not this run's; the checkpoint is corrupt"
+            )
+        s.load_state_dict(saved)
+
+
+def read_model_state(path: Path) -> dict[str, Tensor]:
+    """The model tensors of a checkpoint as full tensors, whatever plan wrote it (names as in the
+    training module, `lm.` included)."""
+    ck = open_checkpoint(path)
+    out: dict[str, Tensor] = {}
+    with contextlib.ExitStack() as stack:
+        files: dict[Path, Any] = {}
+        for key, ps in sorted(ck.pieces.items()):
+            if not key.startswith("model/"):
+                continue
+            full = torch.empty(ps[0].global_shape, dtype=getattr(torch, _SAFETENSORS_DTYPES[ps[0].dtype]))
+            for p in ps:
+                if p.file not in files:
+                    files[p.file] = stack.enter_context(safe_open(str(p.file), framework="pt"))
+            _fill(ck, key, full, files)
+            out[key.removeprefix("model/")] = full
+    return out
+
+
+# --- the Hugging Face export -------------------------------------------------------------------
 
 
 def full_state_dict(module: nn.Module, d: Dist) -> dict[str, Tensor]:

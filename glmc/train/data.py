@@ -23,12 +23,16 @@ from glmc.errors import GlmcError
 from glmc.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, check_vocab, make_tokenizer
 
 
-def list_files(paths: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...]) -> list[Path]:
+def list_files(
+    paths: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], skip: tuple[Path, ...] = ()
+) -> list[Path]:
     """Files named directly, plus files under folders whose name matches an `include` glob,
-    skipping hidden and __pycache__ folders and any path component matching an `exclude` glob.
+    skipping hidden and __pycache__ folders, any path component matching an `exclude` glob and
+    the folders in `skip` (the run folder, whose metrics and checkpoints grow as it trains).
     Sorted, so every rank (and every rerun) reads the same corpus in the same order."""
     if not paths:
         raise GlmcError("no training data given (--data PATH, a text file or a folder)")
+    skipped = {q.resolve() for q in skip}
     files: list[Path] = []
     for raw in paths:
         p = Path(raw)
@@ -40,6 +44,7 @@ def list_files(paths: tuple[str, ...], include: tuple[str, ...], exclude: tuple[
                     d for d in dirs
                     if not d.startswith(".") and d != "__pycache__"
                     and not any(fnmatch.fnmatch(d, x) for x in exclude)
+                    and (Path(root) / d).resolve() not in skipped
                 )  # fmt: skip
                 for n in sorted(names):
                     if any(fnmatch.fnmatch(n, g) for g in include) and not any(

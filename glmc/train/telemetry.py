@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from glmc.errors import GlmcError
+
 METRICS_FILE = "metrics.jsonl"
 
 # Stated peaks for MFU when --peak-tflops is not given (dense, per device).
@@ -57,13 +59,32 @@ class Telemetry:
             self._progress.start()
 
     def _truncate_after(self, step: int) -> None:
-        """On resume, drop lines of steps the resumed run will redo, so the curve stays one curve."""
+        """On resume, drop lines of steps the resumed run will redo, so the curve stays one curve.
+        Written to a temporary file and renamed, so a failure leaves the old file whole."""
         if not self.path.is_file():
             return
-        keep = [
-            ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step
-        ]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        keep = []
+        lines = self.path.read_text(errors="replace").splitlines()
+        for i, ln in enumerate(lines, 1):
+            if not ln.strip():
+                continue
+            try:
+                n = json.loads(ln)["step"]
+            except (ValueError, KeyError, TypeError):
+                if i == len(lines):
+                    continue  # a last line cut short by a crash mid-write
+                raise GlmcError(
+                    f"{self.path}: line {i} is not a metrics record; fix or remove the file"
+                ) from None
+            if isinstance(n, int) and n <= step:
+                keep.append(ln)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.replace(self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise GlmcError(f"cannot rewrite {self.path}: {e.strerror or e}") from None
 
     def say(self, msg: str) -> None:
         if self.enabled:
@@ -72,8 +93,11 @@ class Telemetry:
     def log(self, rec: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:
+            raise GlmcError(f"cannot append to {self.path}: {e.strerror or e}") from None
         info = f"loss {rec['loss']:.4f}"
         if self._progress is not None:
             self._progress.update(self._task, completed=rec["step"], info=info)

@@ -19,6 +19,7 @@ updates once per step, so every micro-batch routes with the same bias.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch.distributed as dist
 from glmc.api import build_torch, compile_graph, resolve_spec
 from glmc.errors import GlmcError
 from glmc.ir import flops_per_token
-from glmc.train import balance, checkpoint
+from glmc.train import balance, checkpoint, run_folder
 from glmc.train.config import TrainConfig
 from glmc.train.data import PackedData, check_vocab, list_files, load_tokens, make_tokenizer
 from glmc.train.losses import training_loss
@@ -63,14 +64,6 @@ def resolve_plan(cfg: TrainConfig, from_graph: ParallelPlan | None, world: int) 
         return from_graph
     dp = cfg.dp if cfg.dp is not None else max(1, world // cfg.tp)
     return ParallelPlan(dp=dp, ep=cfg.ep, tp=cfg.tp)
-
-
-def _resume_path(cfg: TrainConfig) -> Path | None:
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "auto":
-        return checkpoint.latest(cfg.run_dir)  # none yet: a fresh start
-    return Path(cfg.resume)
 
 
 def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -129,7 +122,8 @@ def _prepare_data(cfg: TrainConfig, vocab_size: int, d: Dist) -> tuple[PackedDat
     tok = make_tokenizer(cfg.tokenizer)
     check_vocab(tok, vocab_size)
     micro_batch_size(cfg, d.plan.dp)
-    files = list_files(cfg.data, cfg.include, cfg.exclude)
+    # The run folder is never training data, even when it lies inside a --data folder.
+    files = list_files(cfg.data, cfg.include, cfg.exclude, skip=(cfg.run_dir,))
     tokens = load_tokens(files, tok, cfg.max_bytes)
     data = PackedData.pack(tokens, cfg.seq_len, cfg.seed)
     data.check(cfg.batch_size)
@@ -140,20 +134,27 @@ def _prepare_data(cfg: TrainConfig, vocab_size: int, d: Dist) -> tuple[PackedDat
         "tokens": int(tokens.numel()),
         "seq_len": cfg.seq_len,
         "num_sequences": data.num_sequences,
+        # What a resumed run must read again: the whole token stream, not just its size.
+        "sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
     }
     return data, info
 
 
 def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
     data, data_info = _prepare_data(cfg, spec.vocab_size, d)
-    resume = _resume_path(cfg)
-    state = checkpoint.read_trainer_state(resume) if resume is not None else None
-    if state is not None and state.data.get("seq_len") != cfg.seq_len:
-        raise GlmcError(
-            f"{resume}: written with seq_len {state.data.get('seq_len')}, this run has {cfg.seq_len}"
-        )
-    if state is not None and state.step >= cfg.steps:
-        raise GlmcError(f"{resume}: already at step {state.step}; --steps {cfg.steps} leaves nothing to run")
+    spec_json = spec.model_dump(mode="json")
+    begin = run_folder.plan_start(cfg)
+    resume = begin.resume
+    ck = checkpoint.open_checkpoint(resume) if resume is not None else None
+    if ck is not None:
+        checkpoint.check_same_run(ck, cfg.to_dict(), spec_json, data_info)
+        if ck.state.step >= cfg.steps:
+            raise GlmcError(
+                f"{resume}: already at step {ck.state.step}; --steps {cfg.steps} leaves nothing to run"
+            )
+    d.barrier()  # every rank has looked at the run folder before rank 0 changes it
+    if begin.clear and d.is_main:
+        run_folder.clear(cfg.run_dir)
 
     torch.manual_seed(cfg.seed)
     lm = build_torch(spec, dtype=torch.float32, seed=cfg.seed).to(d.device)
@@ -178,11 +179,10 @@ def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
     params = list(module.parameters())
     reps = replicas(module, d)
     start = 0
-    if resume is not None and state is not None:
-        checkpoint.load(resume, module, opts, d)
-        for s, sd in zip(scheds, state.schedulers, strict=True):
-            s.load_state_dict(sd)
-        start = state.step
+    if ck is not None:
+        checkpoint.load(ck, module, opts, d)
+        checkpoint.restore_schedulers(ck, scheds)
+        start = ck.state.step
 
     peak, peak_note = (
         (cfg.peak_tflops, f"{cfg.peak_tflops} TFLOP/s (given)")
@@ -201,6 +201,8 @@ def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
         + f"; {cfg.optimizer}; compile={cfg.compile}; device {d.device}; "
         f"MFU peak: {peak_note}" + (f"; resuming at step {start} from {resume}" if start else "")
     )
+    if begin.note:
+        tele.say(begin.note)
     result = TrainResult(cfg.run_dir)
     top_k = spec.moe.top_k if spec.moe is not None else 1
     dp = d.plan.dp
@@ -272,7 +274,9 @@ def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
             tele.log(rec)
             done = step + 1
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-                ts = checkpoint.TrainerState(done, [s.state_dict() for s in scheds], cfg.to_dict(), data_info)
+                ts = checkpoint.TrainerState(
+                    done, [s.state_dict() for s in scheds], cfg.to_dict(), data_info, spec_json
+                )
                 result.checkpoint = checkpoint.save(cfg.run_dir, module, opts, ts, d, cfg.keep_checkpoints)
         if cfg.export_hf:
             result.hf_dir = checkpoint.export_hf(module, spec, cfg.run_dir / "hf", d)

@@ -60,7 +60,7 @@ def test_corrupt_checkpoint_exits_2_before_any_step(tmp_path, corpus, capsys):
     run = tmp_path / "run"
     assert main(["train", "glm-tiny", "--data", str(corpus), "-o", str(run), "--steps", "2", *FAST]) == 0
     ckpt = run / "checkpoints" / "step-000002"
-    for f in ckpt.glob("*.distcp"):
+    for f in ckpt.glob("rank-*.safetensors"):
         f.write_bytes(f.read_bytes()[:100])  # truncated shard
     out = tmp_path / "resumed"
     argv = [
@@ -122,5 +122,10 @@ def test_torchrun_two_processes_expert_parallel(tmp_path, corpus):
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3]  # rank 0 writes the log, once per step
-    assert (run / "checkpoints" / "step-000003" / ".metadata").is_file()
+    ckpt = run / "checkpoints" / "step-000003"
+    assert sorted(f.name for f in ckpt.iterdir()) == [
+        "rank-00000.safetensors",
+        "rank-00001.safetensors",
+        "trainer.json",
+    ]
     assert proc.stdout.count("trained steps") == 1
