@@ -40,7 +40,10 @@ def distribution(logits: Tensor, s: Sampling) -> Tensor:
     """logits [..., V] -> probabilities [..., V] in fp32 after temperature and top-p."""
     probs = torch.softmax(logits.float() / s.temperature, dim=-1)
     if s.top_p < 1:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Stable: among tied tokens the lower ids come first and stay, as greedy's argmax picks
+        # the lowest id; an unstable sort keeps an arbitrary one of them (on CPU the choice
+        # changed with the vocabulary size).
+        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = sorted_p.cumsum(-1) - sorted_p >= s.top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
