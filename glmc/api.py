@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +14,7 @@ from glmc import presets
 from glmc.errors import CheckpointError, GlmcError, SpecError
 from glmc.ir import Graph, TrainingAssumptions, format_graph, per_rank_memory, summary
 from glmc.lower import lower
+from glmc.outdir import atomic_folder, check_output_folder
 from glmc.spec import ModelSpec
 
 GLMC_SPEC_FILE = "glmc_spec.json"  # marks a folder written by glmc; holds the ModelSpec
@@ -114,11 +111,14 @@ def build_torch(spec: ModelSpec, dtype: torch.dtype = torch.float32, seed: int |
     return model
 
 
-def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def from_pretrained(
+    path: str | Path, dtype: torch.dtype = torch.float32, allow_nonfinite: bool = False
+) -> torch.nn.Module:
     """Load a Hugging Face layout folder (single or sharded safetensors, per-expert names, MTP
     at layer index num_hidden_layers) or a folder written by glmc (its torch artifact, or any
     unsharded `glmc convert` output: fused, FP8 block128 or channel, dequantised on the CPU);
-    `model.spec` is its spec."""
+    `model.spec` is its spec. A weight holding NaN or Inf raises `CheckpointError` naming it,
+    unless `allow_nonfinite`."""
     from glmc.convert import CONVERT_FILE, open_source
     from glmc.export.hf import TensorReader, from_hf, open_checkpoint, recipe_of
     from glmc.export.torch import build_model
@@ -127,7 +127,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> tor
     if not p.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {p}")
     if (p / GLMC_SPEC_FILE).is_file():
-        return load_torch_artifact(p, dtype=dtype)
+        return load_torch_artifact(p, dtype=dtype, allow_nonfinite=allow_nonfinite)
     spec = resolve_spec(p)
     reader: TensorReader
     source = None
@@ -140,7 +140,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> tor
     spec = trunk_only_without_mtp(spec, reader, p, "loading")
     graph = lower(spec, dtype=_ir_dtype(dtype))
     try:
-        state = from_hf(graph, reader, dtype=dtype)
+        state = from_hf(graph, reader, dtype=dtype, allow_nonfinite=allow_nonfinite)
     finally:
         if source is not None:
             source.close()
@@ -154,7 +154,8 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32) -> tor
 def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write `model` in the Hugging Face layout (config.json, safetensors shards, index), with
     per-expert tensor names and the MTP layer at index num_hidden_layers. Atomic: the folder
-    appears complete or not at all."""
+    appears complete or not at all, replacing an existing one (never the current folder, one
+    above it, the home folder or a symbolic link: `glmc.outdir.check_output_folder`)."""
     spec: ModelSpec | None = getattr(model, "spec", None)
     if spec is None:
         raise GlmcError(
@@ -162,7 +163,7 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_bytes: i
         )
     state = model.state_dict()
     graph = lower(spec, dtype=_ir_dtype(next(iter(state.values())).dtype))
-    with atomic_folder(Path(path), replace=True) as tmp:
+    with atomic_folder(path, replace=True) as tmp:
         write_hf_folder(spec, graph, state, tmp, max_shard_bytes)
     return Path(path)
 
@@ -208,11 +209,15 @@ def build(
     force: bool = False,
     dtype: str = "bf16",
     progress: Callable[[str], None] | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Compile `spec` and write one subfolder per target into `out`, plus `build.json`.
 
     Without `weights` the model is randomly initialised (deterministic per `seed`); with a
-    Hugging Face checkpoint folder its weights are loaded and checked against the spec."""
+    Hugging Face checkpoint folder its weights are loaded and checked against the spec, and
+    refused if any holds NaN or Inf unless `allow_nonfinite`. `out` is checked before any work
+    (`glmc.outdir.check_output_folder`: never the current folder or one above it, never a
+    folder that is, holds or lies inside an input) and written atomically."""
     say = progress or (lambda _msg: None)
     unknown = [t for t in emit if t not in TARGETS]
     if unknown:
@@ -223,23 +228,11 @@ def build(
         raise GlmcError("--emit names no target")
     s = resolve_spec(spec)
     out = Path(out)
-    if out.exists() and not force and any(out.iterdir()):
-        raise GlmcError(f"output folder {out} exists and is not empty; pass --force to replace it")
+    inputs = {"--weights folder": weights, "spec": _spec_path(spec)}
+    check_output_folder(out, inputs=inputs, replace=force)  # before any work
     torch_dtype = _torch_dtype(dtype)
     say(f"lowering {s.name}")
     graph = compile_graph(s, pipeline, dtype=_ir_dtype(torch_dtype))
-    if weights is not None:
-        say(f"loading weights from {weights}")
-        model = from_pretrained(weights, dtype=torch_dtype)
-        loaded: ModelSpec = model.spec  # type: ignore[assignment]
-        if loaded.model_dump(exclude={"name"}) != s.model_dump(exclude={"name"}):
-            raise CheckpointError(
-                f"--weights {weights}: its config.json describes a different model than {s.name}"
-            )
-    else:
-        say("initialising random weights")
-        model = build_torch(s, dtype=torch_dtype, seed=seed)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
     manifest: dict[str, Any] = {
         "glmc_version": _version(),
         "spec": s.model_dump(mode="json"),
@@ -248,7 +241,27 @@ def build(
         "targets": list(emit),
         "summary": summary(graph),
     }
-    with atomic_folder(out, replace=force) as tmp:
+    need = _build_bytes(manifest["summary"], graph, emit, torch_dtype)
+    # The temporary folder is made before loading or initialising weights: an unwritable or
+    # full output fails now, not after the work.
+    with atomic_folder(out, replace=force, inputs=inputs, need_bytes=need) as tmp:
+        if weights is not None:
+            say(f"loading weights from {weights}")
+            model = from_pretrained(weights, dtype=torch_dtype, allow_nonfinite=allow_nonfinite)
+            loaded: ModelSpec = model.spec  # type: ignore[assignment]
+            if loaded.model_dump(exclude={"name"}) != s.model_dump(exclude={"name"}):
+                raise CheckpointError(
+                    f"--weights {weights}: its config.json describes a different model than {s.name}"
+                )
+        else:
+            say("initialising random weights")
+            model = build_torch(s, dtype=torch_dtype, seed=seed)
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        if weights is None and not allow_nonfinite:
+            from glmc.export.hf import check_finite
+
+            for k, v in state.items():  # a random init is finite unless the spec's sizes overflow
+                check_finite(v, k, "the randomly initialised model")
         (tmp / "graph.txt").write_text(format_graph(graph))
         for target in emit:
             say(f"emitting {target}")
@@ -257,16 +270,30 @@ def build(
     return manifest
 
 
+def _spec_path(spec: object) -> Path | None:
+    """The file or folder a spec argument names (None for a preset name or an object)."""
+    if not isinstance(spec, str | Path) or str(spec) in presets.names():
+        return None
+    p = Path(spec)
+    return p if p.exists() else None
+
+
+def _build_bytes(info: dict[str, Any], graph: Graph, emit: Sequence[str], dtype: torch.dtype) -> int:
+    """A lower bound on what the checkpoint targets write (the deployment targets' sizes
+    depend on their exporters and are not counted): compared with the free space up front."""
+    params = int(info["params"]["checkpoint"])
+    item = torch.empty(0, dtype=dtype).element_size()
+    fp8 = graph.attr("quantization", None) is not None
+    per_target = {"torch": params * item, "hf": params * (1 if fp8 else item), "trtllm": params}
+    return sum(per_target.get(t, 0) for t in emit)
+
+
 def _emit_torch(spec: ModelSpec, graph: Graph, state: dict[str, torch.Tensor], out: Path) -> None:
     """glmc's own layout: stacked experts under the torch module's names, plus the spec."""
-    from safetensors.torch import save_file
+    from glmc.export.hf import write_safetensors
 
     out.mkdir(parents=True)
-    save_file(
-        {k: v.contiguous() for k, v in state.items()},
-        str(out / "model.safetensors"),
-        metadata={"format": "pt"},
-    )
+    write_safetensors(out / "model.safetensors", state, metadata={"format": "pt"})
     (out / GLMC_SPEC_FILE).write_text(json.dumps(spec.model_dump(mode="json"), indent=2) + "\n")
     (out / "graph.txt").write_text(format_graph(graph))
 
@@ -307,54 +334,44 @@ _EMITTERS: dict[str, Callable[[ModelSpec, Graph, dict[str, torch.Tensor], Path],
 }
 
 
-def load_torch_artifact(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """Load the folder the torch target wrote (`glmc build ... --emit torch`)."""
-    from safetensors.torch import load_file
-
+def load_torch_artifact(
+    path: str | Path, dtype: torch.dtype = torch.float32, allow_nonfinite: bool = False
+) -> torch.nn.Module:
+    """Load the folder the torch target wrote (`glmc build ... --emit torch`). A damaged
+    `model.safetensors` (truncated, bad header), missing, unexpected or misshapen tensors and,
+    unless `allow_nonfinite`, NaN/Inf weights raise `CheckpointError` naming the file/tensor."""
+    from glmc.export.hf import check_finite, open_checkpoint
     from glmc.export.torch import build_model
 
     p = Path(path)
     spec = ModelSpec.from_file(p / GLMC_SPEC_FILE)
-    model = build_model(lower(spec), dtype=dtype)
     f = p / "model.safetensors"
     if not f.is_file():
         raise CheckpointError(f"{p}: torch artifact has no model.safetensors")
-    state = load_file(str(f))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{f}: does not match {GLMC_SPEC_FILE}: {e}") from None
+    with torch.device("meta"):
+        model = build_model(lower(spec), dtype=dtype, device="meta")
+    want = model.state_dict()
+    with open_checkpoint(f) as reader:  # validates the file's framing: CheckpointError naming it
+        missing = [k for k in want if k not in reader]
+        unexpected = [k for k in reader if k not in want]
+        if missing or unexpected:
+            what = f"lacks {missing[0]}" if missing else f"has an unexpected tensor {unexpected[0]}"
+            raise CheckpointError(
+                f"{f} does not match {GLMC_SPEC_FILE}: it {what} "
+                f"({len(missing)} missing, {len(unexpected)} unexpected)"
+            )
+        state = {}
+        for k, w in want.items():
+            shape = reader.meta(k)[0]
+            if shape != tuple(w.shape):
+                raise CheckpointError(f"{k} has shape {list(shape)} in {f}, expected {list(w.shape)}")
+            t = reader[k]
+            state[k] = t.to(w.dtype) if t.is_floating_point() else t
+            if not allow_nonfinite:
+                check_finite(state[k], k, str(f))
+    model.load_state_dict(state, strict=True, assign=True)
     model.spec = spec  # type: ignore[assignment]
     return model.eval()
-
-
-@contextmanager
-def atomic_folder(dest: Path, replace: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `dest`; on success it becomes `dest`, on failure it is removed."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        yield tmp
-        _publish_permissions(tmp)
-        if dest.exists():
-            if not (replace or not any(dest.iterdir())):
-                raise GlmcError(f"output folder {dest} exists and is not empty")
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _publish_permissions(root: Path) -> None:
-    """mkdtemp and some writers create owner-only files; give the result the usual umask modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    root.chmod(0o777 & ~umask)
-    for p in root.rglob("*"):
-        executable = p.is_dir() or p.stat().st_mode & 0o100  # keep launch scripts runnable
-        p.chmod((0o777 if executable else 0o666) & ~umask)
 
 
 def _version() -> str:

@@ -42,14 +42,13 @@ from glmc.export.hf import (
     recipe_of,
     unquantized_modules,
 )
-from glmc.export.hf.stream_io import ST_TORCH, TORCH_ST
+from glmc.export.hf.stream_io import TORCH_ST
 from glmc.ir import DType, Graph, ParamRole, format_graph
 from glmc.lower import lower
 from glmc.spec import ModelSpec
 
 CONVERT_FILE = "glmc_convert.json"  # describes a folder glmc convert wrote: layout, plan, ranks
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
-_FLOAT_ST = ("F64", "F32", "BF16", "F16")
 
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor just written)
 
@@ -115,16 +114,17 @@ def convert(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     force: bool = False,
     progress: Progress | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Convert checkpoint folder `src` into `out` following `pipeline`; returns the manifest
-    written to `out/glmc_convert.json` plus timing and byte counts."""
-    from glmc.api import _torch_dtype, atomic_folder, compile_graph
+    written to `out/glmc_convert.json` plus timing and byte counts. Weights holding NaN or Inf
+    are refused, naming the tensor, unless `allow_nonfinite`."""
+    from glmc.api import _torch_dtype, compile_graph
+    from glmc.outdir import atomic_folder, check_output_folder
 
     src, out = Path(src), Path(out)
-    if out.resolve() == src.resolve():
-        raise GlmcError(f"output folder {out} is the source checkpoint; choose another folder")
-    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
-        raise GlmcError(f"output folder {out} exists and is not empty; pass --force to replace it")
+    inputs = {"source checkpoint": src}
+    check_output_folder(out, inputs=inputs, replace=force)  # before reading anything
     if max_shard_bytes <= 0:
         raise GlmcError(f"--max-shard-size must be positive, got {max_shard_bytes}")
     override = _torch_dtype(dtype) if dtype else None
@@ -132,8 +132,11 @@ def convert(
     source = open_source(src)
     try:
         graph = compile_graph(source.spec, pipeline, dtype=str(source.graph.attr("dtype")))
-        with atomic_folder(out, replace=force) as tmp:
-            stats = write_layout(graph, source.tensors, tmp, override, max_shard_bytes, progress)
+        need = _Layout(graph, source.tensors, override).total
+        with atomic_folder(out, replace=force, inputs=inputs, need_bytes=need) as tmp:
+            stats = write_layout(
+                graph, source.tensors, tmp, override, max_shard_bytes, progress, allow_nonfinite
+            )
             manifest = _manifest(graph, pipeline or "", str(src))
             write_config(source.spec, graph, tmp, override)
             (tmp / CONVERT_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -143,6 +146,19 @@ def convert(
     return {**manifest, **stats, "seconds": time.perf_counter() - t0}
 
 
+class _Layout:
+    """Every rank's tensors of `graph`, their output dtypes and byte counts (metadata only)."""
+
+    def __init__(self, graph: Graph, tensors: LogicalSource, override: torch.dtype | None) -> None:
+        model_dtype = TORCH_DTYPES[DType.parse(str(graph.attr("dtype")))]
+        self.plans = [(coords, plan_checkpoint(graph, coords)) for coords in ranks(graph)]
+        self.dtypes = {
+            t.name: _out_dtype(t, tensors, override, model_dtype) for _, plan in self.plans for t in plan
+        }
+        self.planned = {id(plan): _planned(plan, self.dtypes) for _, plan in self.plans}
+        self.total = sum(p.nbytes for plan in self.planned.values() for p in plan)
+
+
 def write_layout(
     graph: Graph,
     tensors: LogicalSource,
@@ -150,29 +166,26 @@ def write_layout(
     override: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: Progress | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, int]:
     """Write the checkpoint of `graph` (every rank) into `out`, reading from `tensors`."""
-    model_dtype = TORCH_DTYPES[DType.parse(str(graph.attr("dtype")))]
-    plans = [(coords, plan_checkpoint(graph, coords)) for coords in ranks(graph)]
-    dtypes = {t.name: _out_dtype(t, tensors, override, model_dtype) for _, plan in plans for t in plan}
-    planned = {id(plan): _planned(plan, dtypes) for _, plan in plans}
-    total = sum(p.nbytes for plan in planned.values() for p in plan)
+    layout = _Layout(graph, tensors, override)
     done = n_tensors = 0
-    for coords, plan in plans:
+    for coords, plan in layout.plans:
         dest = out if coords is None else out / rank_dir(coords)
-        writer = StreamingWriter(dest, planned[id(plan)], max_shard_bytes)
+        writer = StreamingWriter(dest, layout.planned[id(plan)], max_shard_bytes)
         try:
             for t in plan:
-                for name, tensor in produce(t, tensors, dtypes[t.name]):
+                for name, tensor in produce(t, tensors, layout.dtypes[t.name], allow_nonfinite):
                     writer.write(name, tensor)
                     done += tensor.numel() * tensor.element_size()
                     n_tensors += 1
                     if progress is not None:
-                        progress(done, total, name)
+                        progress(done, layout.total, name)
             writer.finish()
         finally:
             writer.abort()
-    return {"tensors": n_tensors, "bytes_written": done, "ranks": len(plans)}
+    return {"tensors": n_tensors, "bytes_written": done, "ranks": len(layout.plans)}
 
 
 def write_config(spec: ModelSpec, graph: Graph, out: Path, override: torch.dtype | None = None) -> None:
@@ -189,16 +202,20 @@ def write_config(spec: ModelSpec, graph: Graph, out: Path, override: torch.dtype
 def _out_dtype(
     t: OutTensor, src: LogicalSource, override: torch.dtype | None, model: torch.dtype
 ) -> torch.dtype:
-    """FP8 for quantised tensors; else the requested dtype (the router bias stays fp32), else
-    the stored dtype (so an unchanged tensor is copied bit for bit), else the model dtype."""
+    """FP8 for quantised tensors; the router bias stays fp32; else the requested dtype, else
+    the model dtype config.json names, so written dtypes and config.json agree. One exception
+    without a request: a router weight stored in fp32 stays fp32 (transformers keeps
+    `gate.weight` in fp32 whatever the model dtype, and saves it so). An unchanged tensor is
+    copied bit for bit."""
     if t.recipe is not None:
         return torch.float8_e4m3fn
     if t.role is ParamRole.ROUTER_BIAS:
         return torch.float32
     if override is not None:
         return override
-    stored = src.stored_dtype(t.pieces[0].source)
-    return ST_TORCH[stored] if stored in _FLOAT_ST else model
+    if t.role is ParamRole.ROUTER and src.stored_dtype(t.pieces[0].source) == "F32":
+        return torch.float32
+    return model
 
 
 def _planned(plan: list[OutTensor], dtypes: dict[str, torch.dtype]) -> list[Planned]:

@@ -25,9 +25,10 @@ from .safetensors_io import (
     open_checkpoint,
     shard_name,
     write_checkpoint,
+    write_safetensors,
 )
 from .stream_io import Planned, StreamingCheckpoint, StreamingWriter
-from .weights import TORCH_DTYPES, TensorReader, from_hf, to_hf
+from .weights import TORCH_DTYPES, TensorReader, check_finite, from_hf, to_hf
 
 __all__ = [
     "INDEX_FILE",
@@ -46,6 +47,7 @@ __all__ = [
     "StreamingWriter",
     "TensorReader",
     "assemble",
+    "check_finite",
     "dequantize",
     "from_hf",
     "hf_name",
@@ -63,4 +65,5 @@ __all__ = [
     "to_hf",
     "unquantized_modules",
     "write_checkpoint",
+    "write_safetensors",
 ]

@@ -12,11 +12,16 @@ from . import fp8
 from .layout import OutTensor
 from .logical import LogicalSource
 from .stream_io import TORCH_ST as _ST
+from .weights import check_finite
 
 
-def produce(t: OutTensor, src: LogicalSource, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+def produce(
+    t: OutTensor, src: LogicalSource, dtype: torch.dtype, allow_nonfinite: bool = False
+) -> list[tuple[str, torch.Tensor]]:
     """`t` as (name, tensor) pairs: the tensor in `dtype`, or FP8 plus fp32 scales if `t` is
-    quantised. Raises CheckpointError naming the logical tensor that cannot be quantised."""
+    quantised. Raises CheckpointError naming the logical tensor that cannot be quantised, or
+    that holds NaN/Inf in `dtype` (a cast can overflow) unless `allow_nonfinite`. FP8 always
+    needs finite values: its scales come from the absolute maximum."""
     if t.recipe is None:
         out = torch.empty(t.shape, dtype=dtype)
         flat, off = out.view(-1), 0
@@ -30,6 +35,10 @@ def produce(t: OutTensor, src: LogicalSource, dtype: torch.dtype) -> list[tuple[
                 if pc.cols is not None:
                     x = x[:, pc.cols[0] : pc.cols[1]]
                 dest.copy_(x.reshape(-1))
+            if not allow_nonfinite:
+                # Checked while the piece is hot in cache, in the dtype written.
+                origin = (pc.rows[0], pc.cols[0] if pc.cols is not None else 0)
+                check_finite(dest.view(pc.out_shape), pc.source, src.file_of(pc.source), origin)
             off += pc.numel
         return [(t.name, out)]
     assert t.scale_name is not None and t.scale_shape is not None

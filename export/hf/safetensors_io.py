@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -16,7 +17,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from glmc.ir import CheckpointError
 
@@ -25,6 +25,19 @@ INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _PARTIAL_SUFFIX = ".partial"
+
+ST_TORCH: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "U8": torch.uint8,
+}
+TORCH_ST = {v: k for k, v in ST_TORCH.items()}
 
 
 def shard_name(i: int, n: int) -> str:
@@ -268,7 +281,7 @@ class _ShardWriter:
             return
         path = self.out / f".model-{len(self.partials) + 1:05d}.safetensors{_PARTIAL_SUFFIX}"
         self.partials.append(path)
-        save_file(self.pending, str(path), metadata=self.metadata)
+        write_safetensors(path, self.pending, self.metadata)
         for name in self.pending:
             self.shard_of[name] = len(self.partials) - 1
         self.pending, self.pending_bytes = {}, 0
@@ -321,3 +334,49 @@ def _remove_stale(out: Path, keep: list[Path]) -> None:
     for f in stale:
         if f.name not in keep_names and f.is_file():
             f.unlink()
+
+
+# ---- the file format ----------------------------------------------------------------------------
+
+
+def encode_header(
+    entries: Iterable[tuple[str, str, tuple[int, ...], int]], metadata: Mapping[str, str]
+) -> bytes:
+    """The safetensors header for tensors stored back to back in `entries` order, each given as
+    (name, safetensors dtype, shape, bytes): u64 little-endian length, then JSON padded with
+    spaces to a multiple of 8 bytes."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def write_safetensors(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write `tensors` as one safetensors file (what `safetensors.torch.save_file` writes), with
+    Python's file I/O: a full disk or an unwritable path raises `OSError` with its errno, where
+    safetensors' writer raises a `SafetensorError` carrying the cause only as text. Each
+    tensor's bytes are written from its own memory; nothing is copied but non-contiguous views."""
+    meta = dict(metadata) if metadata is not None else {"format": "pt"}
+    entries = []
+    for name, t in tensors.items():
+        if t.dtype not in TORCH_ST:
+            raise ValueError(f"{name}: safetensors has no dtype for {t.dtype}")
+        entries.append((name, TORCH_ST[t.dtype], tuple(t.shape), t.numel() * t.element_size()))
+    with Path(path).open("wb") as f:
+        f.write(encode_header(entries, meta))
+        for t in tensors.values():
+            if t.numel():
+                f.write(tensor_bytes(t))
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's elements as bytes (little-endian, as safetensors stores them), C order."""
+    return t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data

@@ -26,20 +26,18 @@ import torch
 
 from glmc.ir import CheckpointError
 
-from .safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsCheckpoint, open_checkpoint, shard_name
+from .safetensors_io import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    ST_TORCH,
+    TORCH_ST,
+    SafetensorsCheckpoint,
+    encode_header,
+    open_checkpoint,
+    shard_name,
+    tensor_bytes,
+)
 
-ST_TORCH: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "U8": torch.uint8,
-}
-TORCH_ST = {v: k for k, v in ST_TORCH.items()}
 ITEMSIZE = {k: torch.empty(0, dtype=v).element_size() for k, v in ST_TORCH.items()}
 
 
@@ -207,8 +205,7 @@ class StreamingWriter:
             )
         f = self._shard_file(shard)
         if tensor.numel():
-            # The tensor's own bytes (little-endian, as safetensors stores them), without a copy.
-            f.write(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().data)
+            f.write(tensor_bytes(tensor))
         self.bytes_written += want.nbytes
         self._next += 1
 
@@ -249,15 +246,4 @@ class StreamingWriter:
 
 
 def _encode_header(tensors: list[Planned], metadata: dict[str, str]) -> bytes:
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for p in tensors:
-        header[p.name] = {
-            "dtype": p.dtype,
-            "shape": list(p.shape),
-            "data_offsets": [offset, offset + p.nbytes],
-        }
-        offset += p.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
+    return encode_header(((p.name, p.dtype, p.shape, p.nbytes) for p in tensors), metadata)

@@ -6,7 +6,7 @@ bit when `state` is in the graph's dtypes. Names and shapes come from `names.hf_
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -59,15 +59,18 @@ def to_hf(graph: Graph, state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str
         yield t.name, _export(t, state)
 
 
-def from_hf(graph: Graph, reader: TensorReader, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def from_hf(
+    graph: Graph, reader: TensorReader, dtype: torch.dtype | None = None, allow_nonfinite: bool = False
+) -> dict[str, torch.Tensor]:
     """Read a Hugging Face layout into glmc's state dict (keys: IR parameter full names).
 
     Weights are cast to `dtype` (default: each parameter's IR dtype); the router correction
     bias, and any parameter the graph keeps in a dtype other than the model dtype, keep their
     IR dtype. Raises `CheckpointError` naming the tensor (and file) on a missing, unexpected,
     wrong-shaped or wrong-typed tensor, before loading any data. The MTP embed/head copies may
-    be absent (GLM-4.6 ships none); they are checked but never read. With a plain dict as
-    `reader`, tensors already in the target dtype are returned as they are, not copied."""
+    be absent (GLM-4.6 ships none); they are checked but never read. Each tensor is checked
+    for NaN/Inf after the cast (which may overflow) unless `allow_nonfinite`. With a plain dict
+    as `reader`, tensors already in the target dtype are returned as they are, not copied."""
     plan = hf_tensors(graph)
     src = _Source(reader)
     _check_names(graph, plan, src)
@@ -79,12 +82,30 @@ def from_hf(graph: Graph, reader: TensorReader, dtype: torch.dtype | None = None
             continue
         target = _target_dtype(t, model_dtype, dtype)
         if t.part is Part.WHOLE:
-            state[t.param] = src.load(t.name).to(target)
-            continue
-        if t.param not in state:
-            state[t.param] = torch.empty(t.param_shape, dtype=target)
-        _expert_slice(state[t.param], t).copy_(src.load(t.name))
+            state[t.param] = loaded = src.load(t.name).to(target)
+        else:
+            if t.param not in state:
+                state[t.param] = torch.empty(t.param_shape, dtype=target)
+            loaded = _expert_slice(state[t.param], t)
+            loaded.copy_(src.load(t.name))
+        if not allow_nonfinite:
+            check_finite(loaded, t.name, src.where(t.name))
     return state
+
+
+def check_finite(t: torch.Tensor, name: str, where: str, origin: Sequence[int] = ()) -> None:
+    """Raise `CheckpointError` naming tensor `name` (read from `where`) if it holds NaN or Inf.
+    One `isfinite` pass over the tensor; the count and first index only on failure (`t` may
+    be a block of `name` starting at index `origin`)."""
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return
+    bad = ~torch.isfinite(t)
+    at = [int(i) for i in bad.nonzero()[0]]
+    first = [i + (origin[d] if d < len(origin) else 0) for d, i in enumerate(at)]
+    raise CheckpointError(
+        f"{name} in {where} holds {int(bad.sum())} non-finite value(s) (NaN or Inf; the first at "
+        f"{first}); refusing non-finite weights (--allow-nonfinite, or allow_nonfinite=True, keeps them)"
+    )
 
 
 # ---- to_hf helpers ------------------------------------------------------------------------------

@@ -26,16 +26,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", default="bf16", help="weight dtype of the artifacts: bf16, f16 or f32 (default bf16)"
     )
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="keep --weights tensors holding NaN or Inf (refused by default, naming the tensor)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from glmc.api import build
+    from glmc.outdir import terminate_raises
 
     console = Console(stderr=True)
     emit = [t.strip() for t in args.emit.split(",") if t.strip()]
-    with console.status("building") as status:
+    # SIGTERM unwinds like Ctrl-C, so the temporary output folder is removed.
+    with terminate_raises(), console.status("building") as status:
         manifest = build(
             args.spec,
             args.out,
@@ -46,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
             force=args.force,
             dtype=args.dtype,
             progress=lambda msg: status.update(msg),
+            allow_nonfinite=args.allow_nonfinite,
         )
     p = manifest["summary"]["params"]
     console.print(

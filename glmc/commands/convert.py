@@ -29,6 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="copy weights holding NaN or Inf (refused by default, naming the tensor; FP8 never takes them)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     from glmc.convert import convert
+    from glmc.outdir import terminate_raises
 
     size = parse_size(args.max_shard_size)
     console = Console(stderr=True)
@@ -54,13 +60,21 @@ def run(args: argparse.Namespace) -> int:
         TimeRemainingColumn(),
         TextColumn("[dim]{task.fields[tensor]}"),
     )
-    with Progress(*columns, console=console, disable=args.quiet) as bar:
-        task = bar.add_task("converting", total=None, tensor="")
+    bar = Progress(*columns, console=console, disable=args.quiet)
+    task = bar.add_task("converting", total=None, tensor="")
 
-        def progress(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, tensor=name)
+    def progress(done: int, total: int, name: str) -> None:
+        if not bar.live.is_started:  # only once data flows: a refused input prints just its error
+            bar.start()
+        bar.update(task, completed=done, total=total, tensor=name)
 
-        r = convert(args.src, args.out, args.pipeline, args.dtype, size, args.force, progress)
+    # SIGTERM unwinds like Ctrl-C, so the temporary output folder is removed.
+    try:
+        with terminate_raises():
+            r = convert(args.src, args.out, args.pipeline, args.dtype, size, args.force, progress,
+                        allow_nonfinite=args.allow_nonfinite)  # fmt: skip
+    finally:
+        bar.stop()
     mb = r["bytes_written"] / 1e6
     where = f" in {r['ranks']} rank folders" if r["ranks"] > 1 else ""
     quant = f", FP8 {r['quantization']}" if r["quantization"] else ""

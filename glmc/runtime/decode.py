@@ -66,6 +66,7 @@ def generate(
     seq = list(prompt)
     t0 = time.perf_counter()
     logits, h, past = backend.forward(_ids(seq), _pos(0, len(seq)), backend.empty_cache(), _mask(len(seq)))
+    _require_finite(backend, logits[0, -1:], len(seq) - 1)
     seq.append(pick(logits[0, -1], sampling, gen))
     stats.prefill_s = time.perf_counter() - t0
     limit = min(len(prompt) + max_new_tokens, context)
@@ -75,6 +76,7 @@ def generate(
         k = min(draft_tokens, limit - len(seq) - 1, context - len(seq))
         if k <= 0:
             logits, _, past = backend.forward(_ids(seq[-1:]), _pos(len(seq) - 1, 1), past, _mask(len(seq)))
+            _require_finite(backend, logits[0, -1:], len(seq) - 1)
             new = [pick(logits[0, -1], sampling, gen)]
         else:
             new, past, pending_h, mtp_past = _speculate(
@@ -117,6 +119,7 @@ def _speculate(
                 _ids(drafts[-1:]), z_last, _pos(n - 2 + j, 1), chain_past, _mask(n - 1 + j)
             )
             d_logits = lg[0, -1]
+        _require_finite(backend, d_logits[None], n - 1 + j, "MTP draft")
         if s.greedy:
             drafts.append(int(d_logits.argmax()))
         else:
@@ -124,6 +127,7 @@ def _speculate(
             qs.append(q)
             drafts.append(int(torch.multinomial(q, 1, generator=gen)))
     logits, h, grown = backend.forward(_ids([seq[-1], *drafts]), _pos(n - 1, k + 1), past, _mask(n + k))
+    _require_finite(backend, logits[0], n - 1)
     new = _accept(logits[0], drafts, qs, s, gen)
     keep = n + len(new) - 1  # trunk entries for positions 0..n-2+len(new)
     past = [(kk[:, :, :keep], vv[:, :, :keep]) for kk, vv in grown]
@@ -149,6 +153,19 @@ def _accept(
                 return [*out, int(nxt)]
         out.append(d)
     return [*out, pick(target_logits[len(drafts)], s, gen)]
+
+
+def _require_finite(backend: Backend, logits: Tensor, position: int, what: str = "trunk") -> None:
+    """Refuse to pick tokens from NaN/Inf logits: argmax of NaNs is token 0 and sampling
+    fails inside torch.multinomial, so either way the output would be meaningless."""
+    ok = torch.isfinite(logits).all(dim=-1)
+    if bool(ok.all()):
+        return
+    at = position + int((~ok).nonzero()[0, 0])
+    raise GlmcError(
+        f"the {backend.name} artifact's {what} logits at position {at} hold NaN or Inf (non-finite weights, "
+        "or activations overflowing the artifact's dtype); no token can be chosen from them"
+    )
 
 
 def _check(backend: Backend, prompt: list[int], max_new: int, draft_tokens: int, context: int) -> None:
