@@ -24,6 +24,7 @@ from pathlib import Path
 from .base import PassError
 
 Placement = tuple[tuple[int, ...], ...]
+MAX_HISTOGRAM_BYTES = 64 * 2**20
 
 
 def contiguous(num_experts: int, ep: int) -> Placement:
@@ -35,8 +36,14 @@ def load_histograms(path: str, num_experts: int, moe_layers: list[int]) -> dict[
     """Layer -> tokens per expert, from the file given as `expert_load`."""
     p = Path(path)
     try:
+        if not p.is_file():  # a FIFO or a device (/dev/zero) would block or never end
+            raise OSError("not a regular file" if p.exists() else "no such file")
+        if p.stat().st_size > MAX_HISTOGRAM_BYTES:
+            raise OSError(
+                f"{p.stat().st_size:,} bytes is more than a histogram needs ({MAX_HISTOGRAM_BYTES:,})"
+            )
         data = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise PassError(f"shard: cannot read expert_load={path}: {e}") from None
     if isinstance(data, list):
         return {layer: _counts(data, num_experts, path, "the list") for layer in moe_layers}

@@ -3,14 +3,15 @@ load-aware with redundancy), balanced pipeline stages, and invalid plans refused
 
 import itertools
 import json
+import os
 import random
-import time
+import re
 from pathlib import Path
 
 import pytest
 
 from glmc import presets
-from glmc.ir import Graph, Op, local_shape, mesh_of, shard_specs, stage_of, verify
+from glmc.ir import Graph, Op, ParamRole, local_shape, mesh_of, shard_specs, stage_of, verify
 from glmc.lower import lower
 from glmc.passes import PassError
 from glmc.passes._expert_placement import balanced, contiguous
@@ -31,20 +32,19 @@ def glm45() -> Graph:
     return lower(presets.get("glm-4.5"))
 
 
-def test_issue_pipeline_on_glm45_in_under_a_second() -> None:
+def test_issue_pipeline_on_glm45() -> None:
     """The GLM-4.5 spec through fuse-moe, shard (ep=64, pp=4, dp=2) and quantize-fp8, no weights.
-    160 experts do not split 64 ways, so the plan needs 32 redundant experts (3 slots per rank)."""
-    t0 = time.perf_counter()
+    160 experts do not split 64 ways, so the plan needs 32 redundant experts (3 slots per rank).
+    Its wall time is measured by bench/passes.py, not asserted here."""
     g = run_pipeline(
         lower(presets.get("glm-4.5")), "fuse-moe,shard{ep=64,pp=4,dp=2,redundant_experts=32},quantize-fp8"
     )
-    seconds = time.perf_counter() - t0
-    print(
-        f"\nGLM-4.5 lower + fuse-moe,shard{{ep=64,pp=4,dp=2,redundant_experts=32}},quantize-fp8: {seconds:.3f} s"
-    )
-    assert seconds < 1.0
     assert mesh_of(g) == {"pp": 4, "dp": 2, "ep": 64, "tp": 1} and g.attr("ep_slots") == 3
     assert len(g.find(Op.SEND_RECV)) == 3 and len(g.find(Op.ALL_TO_ALL)) == 2 * 90
+    # every one of the 160 + 32 slots of a layer is filled, each expert at least once
+    expert = next(p for _, _, p in g.params() if p.role is ParamRole.EXPERT)
+    index = next(s for s in shard_specs(expert) if s.axis == "ep").index
+    assert [len(r) for r in index] == [3] * 64 and set().union(*map(set, index)) == set(range(160))
 
 
 def test_issue_pipeline_literally_is_refused_with_the_way_out(glm45: Graph) -> None:
@@ -203,3 +203,95 @@ def test_stages_cover_the_model_and_carry_embedding_and_head(glm45: Graph, balan
     # The last stage also runs the head and the MTP layer, so it gets fewer trunk layers.
     sizes = [b - a + 1 for a, b in stages]
     assert sizes[-1] < max(sizes[:-1])
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "needle"),
+    [
+        # the plan glmc's own divisibility message used to suggest for ep=10^9: it hung
+        ("shard{ep=1000000000,redundant_experts=999999992}", "1000000000 ranks exceeds 1048576"),
+        ("shard{ep=1024,dp=1024,tp=2}", "2097152 ranks exceeds 1048576"),
+        ("shard{ep=2,redundant_experts=70000}", "redundant_experts=70000 exceeds 65536"),
+        ("shard{ep=16384,redundant_experts=65536}", "65544 expert slots per layer exceeds 65536"),
+        ("shard{seq_len=2000000000}", "seq_len=2000000000 exceeds"),
+        ("shard{ep=99999999999999999999}", "ep='99999999999999999999' is not a valid int"),
+        ("shard{ep=1_000}", "is not a valid int"),
+    ],
+)
+def test_absurd_plans_are_refused_by_name(pipeline: str, needle: str) -> None:
+    with pytest.raises((PassError, PipelineError)) as e:
+        run_pipeline(lower(presets.get("glm-tiny")), pipeline)
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("ep", [3, 3000, 65536, 100_000])
+def test_the_divisibility_message_suggests_only_plans_that_are_accepted(ep: int) -> None:
+    """The suggested redundant_experts, when there is one, is a plan the pass then applies."""
+    with pytest.raises((PassError, PipelineError)) as e:
+        run_pipeline(lower(presets.get("glm-tiny")), f"shard{{ep={ep}}}")
+    msg = str(e.value)
+    assert len(msg) < 300
+    suggested = re.search(r"redundant_experts=(\d+)", msg)
+    if 8 + (-8 % ep) <= 65536:  # glm-tiny's 8 experts padded to a multiple of ep fit the slot bound
+        assert suggested is not None
+        g = run_pipeline(lower(presets.get("glm-tiny")), f"shard{{ep={ep},redundant_experts={suggested[1]}}}")
+        assert g.attr("ep_slots") == -(-8 // ep)
+    else:
+        assert suggested is None
+
+
+def test_many_ranks_with_one_slot_each_are_placed() -> None:
+    """8 experts over 3000 ranks: 2992 replicas, one slot per rank, every expert on 375 ranks."""
+    g = run_pipeline(lower(presets.get("glm-tiny")), "shard{ep=3000,redundant_experts=2992}")
+    expert = next(p for _, _, p in g.params() if p.role is ParamRole.EXPERT)
+    index = next(s for s in shard_specs(expert) if s.axis == "ep").index
+    assert all(len(r) == 1 for r in index) and len(index) == 3000
+    assert [sum(r[0] == e for r in index) for e in range(8)] == [375] * 8
+
+
+def _greedy_by_scan(loads: list[float], ep: int, redundant: int) -> tuple[tuple[int, ...], ...]:
+    """The placement rule of passes/_expert_placement.py written as plain scans (quadratic),
+    as the pass computed it before it used heaps."""
+    n = len(loads)
+    replicas = [1] * n
+    for _ in range(redundant):
+        e = max((i for i in range(n) if replicas[i] < ep), key=lambda i: (loads[i] / replicas[i], -i))
+        replicas[e] += 1
+    items = sorted(
+        ((loads[e] / replicas[e], e) for e in range(n) for _ in range(replicas[e])),
+        key=lambda t: (-t[0], t[1]),
+    )
+    slots = (n + redundant) // ep
+    bins: list[list[int]] = [[] for _ in range(ep)]
+    weight = [0.0] * ep
+    for w, e in items:
+        free = [r for r in range(ep) if len(bins[r]) < slots and e not in bins[r]]
+        r = min(free, key=lambda r: (weight[r], r))
+        bins[r].append(e)
+        weight[r] += w
+    return tuple(tuple(sorted(b)) for b in bins)
+
+
+def test_heap_placement_equals_the_plain_greedy() -> None:
+    rng = random.Random(2)
+    for _ in range(300):
+        e, ep = rng.choice([2, 3, 5, 8, 12, 16]), rng.choice([2, 3, 4, 6, 8, 16])
+        redundant = rng.randint(0, min(e * (ep - 1), 40))
+        redundant += (-(e + redundant)) % ep
+        if redundant > e * (ep - 1):
+            continue
+        loads = (
+            [float(rng.randint(0, 4)) for _ in range(e)]
+            if rng.random() < 0.5
+            else [rng.random() for _ in range(e)]
+        )
+        assert balanced(loads, ep, redundant) == _greedy_by_scan(loads, ep, redundant)
+
+
+@pytest.mark.parametrize(("make", "needle"), [("fifo", "not a regular file"), ("missing", "no such file")])
+def test_expert_load_must_be_a_regular_file(tmp_path: Path, make: str, needle: str) -> None:
+    path = tmp_path / "load.json"
+    if make == "fifo":
+        os.mkfifo(path)  # reading it would block forever
+    with pytest.raises(PassError, match=needle):
+        run_pipeline(lower(presets.get("glm-tiny")), f"shard{{ep=2,expert_load={path}}}")
