@@ -1,4 +1,5 @@
-"""quantize-fp8{recipe,exclude}: mark GEMM weights FP8 E4M3 and give each its scale parameter.
+"""quantize-fp8{recipe,exclude,strict,serving}: mark GEMM weights FP8 E4M3 and give each its scale
+parameter.
 
 Quantised: every GEMM weight of attention, dense MLPs, shared and routed experts. Never
 quantised (reference §1.2, §6.11): embeddings, the output head and the MTP `shared_head`, the
@@ -13,6 +14,18 @@ parameter (`<name>_scale_inv` for block128, `<name>_scale` for channel; fp32) fo
 over the mesh like its weight. Values are computed by the weight transform (export/hf/fp8.py).
 Runs after shard, because block scales can only be split where tensor-parallel pieces are
 128-aligned; this pass checks that.
+
+Serving constraint (block128): vLLM (`validate_fp8_block_shape`), SGLang and TensorRT-LLM refuse
+a block-quantised linear whose per-rank output or input size is not a multiple of 128 (merged
+q/k/v and gate/up layers: every component). By default (`serving=true`) such weights, judged
+after the plan's tensor-parallel split, stay high precision: the param carries `fp8_kept=<why>`,
+the graph lists them under `fp8_kept` (graph.txt is the pass report), and the checkpoint's
+`quantization_config.modules_to_not_convert` names them, which all three stacks read. A q/k/v or
+gate/up group is kept whole, since the stacks fuse it into one layer with one method.
+`strict=true` refuses such a weight instead, naming it and its size; `serving=false` quantises
+every GEMM weight (transformers and glmc load any size) and only refuses TP pieces glmc itself
+cannot split block scales for. GLM-4.5 has no such weight; GLM-4.5-Air's dense MLP (10944 =
+85.5 x 128) and the small presets (hidden 64/256 splits) do.
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ from glmc.ir import (
 from glmc.ir.quant import (
     ACTIVATION_SCHEME,
     BLOCK,
+    row_segments,
     scale_cols,
     scale_param_name,
     scale_shape,
@@ -58,6 +72,8 @@ class QuantizeFP8(Pass):
 
     recipe: Literal["block128", "channel"] = "block128"
     exclude: str = ""
+    strict: bool = False  # refuse weights the serving stacks cannot run, instead of keeping them BF16
+    serving: bool = True  # apply the serving stacks' 128 rule (block128 only)
 
     def patterns(self) -> list[str]:
         return [p.strip() for p in self.exclude.split("|") if p.strip()]
@@ -69,11 +85,19 @@ class QuantizeFP8(Pass):
         user = self.patterns()
         used: set[str] = set()
         nodes = []
+        kept: list[str] = []
         for n in graph.nodes:
             chosen = [p for p in n.params if _candidate(p) and not self._excluded(n, p, n_layers, user, used)]
             _check_groups(n, {p.name for p in chosen})
-            if chosen:
-                n = self._quantize(graph, n, {p.name for p in chosen})
+            names = {p.name for p in chosen}
+            if self.recipe == "block128" and self.serving and chosen:
+                why = self._serving_misfits(graph, n, chosen, n_layers)
+                names -= set(why)
+                n = replace(n, params=tuple(p.with_attrs(fp8_kept=why[p.name]) if p.name in why else p
+                                            for p in n.params))  # fmt: skip
+                kept += [f"{n.name}.{name}" for name in why]
+            if names:
+                n = self._quantize(graph, n, names)
             nodes.append(n)
         unused = [p for p in user if p not in used]
         if unused:
@@ -81,7 +105,30 @@ class QuantizeFP8(Pass):
                 f"quantize-fp8: exclude pattern {unused[0]!r} matches no GEMM weight; patterns match names "
                 "such as model.layers.3.mlp.shared_experts.* or *.self_attn.o_proj"
             )
-        return graph.replace_nodes(nodes).with_attrs(quantization=self.recipe)
+        return graph.replace_nodes(nodes).with_attrs(quantization=self.recipe, fp8_kept=tuple(kept) or None)
+
+    def _serving_misfits(self, g: Graph, n: Node, chosen: list[Param], n_layers: int) -> dict[str, str]:
+        """Chosen weights whose per-rank block layout the serving stacks refuse -> why; a q/k/v or
+        gate/up group is kept whole. With `strict`, the first such weight is an error instead."""
+        why: dict[str, str] = {}
+        for p in chosen:
+            bad = _misfit(g, p)
+            if bad is None:
+                continue
+            if self.strict:
+                raise PassError(
+                    f"quantize-fp8{{strict=true}}: {_ckpt_name(f'{n.name}.{p.name}', n_layers)} has {bad}, not a "
+                    f"multiple of {BLOCK}: vLLM, SGLang and TensorRT-LLM refuse such block-FP8 weights; "
+                    "without strict it stays BF16 (listed in modules_to_not_convert), or exclude it"
+                )
+            why[p.name] = bad
+        for group in _GROUPS:
+            members = [p.name for p in chosen if p.name.startswith(group) and p.name.endswith(".weight")]
+            hit = [m for m in members if m in why]
+            for m in members:
+                if hit and m not in why:
+                    why[m] = f"kept with {hit[0].removesuffix('.weight')} ({why[hit[0]]})"
+        return why
 
     def _excluded(self, n: Node, p: Param, n_layers: int, user: list[str], used: set[str]) -> bool:
         names = _spellings(f"{n.name}.{p.name}", n_layers)
@@ -124,6 +171,12 @@ def _spellings(full: str, n_layers: int) -> list[str]:
     return names + [x.removesuffix(".weight") for x in names if x.endswith(".weight")]
 
 
+def _ckpt_name(full: str, n_layers: int) -> str:
+    """The checkpoint's spelling of a parameter (MTP layers at index num_layers + i)."""
+    m = _MTP.match(full)
+    return f"model.layers.{n_layers + int(m.group(1))}." + full[m.end() :] if m else full
+
+
 def _check_groups(n: Node, chosen: set[str]) -> None:
     for group in _GROUPS:
         members = [p.name for p in n.params if p.name.startswith(group) and p.name.endswith(".weight")]
@@ -134,6 +187,35 @@ def _check_groups(n: Node, chosen: set[str]) -> None:
                 f"quantize-fp8: {n.name}: exclude leaves {', '.join(picked)} quantised but not {', '.join(left)}; "
                 "serving stacks fuse q/k/v and gate/up into one layer, so exclude all of a group or none"
             )
+
+
+def _per_rank(g: Graph, p: Param) -> tuple[list[tuple[int, str]], int, str]:
+    """A GEMM weight's output sizes (one per fused component) and input size on one rank, each
+    with the axes that split it ("" when whole)."""
+    mesh = mesh_of(g)
+    rows_dim, cols_dim = len(p.shape) - 2, len(p.shape) - 1
+    rows = [(seg, "") for seg in row_segments(p)]
+    cols, cols_by = p.shape[-1], ""
+    for s in shard_specs(p):
+        if s.index or s.dim not in (rows_dim, cols_dim):
+            continue
+        if s.dim == rows_dim:
+            rows = [(seg // (mesh[s.axis] // rep), f"{s.axis}={mesh[s.axis]}")
+                    for seg, rep in zip(s.segments, s.replicas, strict=True)]  # fmt: skip
+        else:
+            cols, cols_by = cols // mesh[s.axis], f"{s.axis}={mesh[s.axis]}"
+    return rows, cols, cols_by
+
+
+def _misfit(g: Graph, p: Param) -> str | None:
+    """Why `p` breaks the serving stacks' block128 rule (None when every per-rank size fits)."""
+    rows, cols, cols_by = _per_rank(g, p)
+    for size, by in rows:
+        if size % BLOCK:
+            return f"output size {size}" + (f" per rank ({by})" if by else "")
+    if cols % BLOCK:
+        return f"input size {cols}" + (f" per rank ({cols_by})" if cols_by else "")
+    return None
 
 
 def _check_alignment(g: Graph, n: Node, p: Param, recipe: str) -> None:

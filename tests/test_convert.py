@@ -198,7 +198,7 @@ def test_fp8_rank_shards_reassemble_to_the_unsharded_conversion(
 
 
 def test_block128_checkpoint_format(tiny_ckpt: Path, tmp_path: Path) -> None:
-    convert(tiny_ckpt, tmp_path / "q", "quantize-fp8")
+    convert(tiny_ckpt, tmp_path / "q", "quantize-fp8{serving=false}")
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     q = cfg["quantization_config"]
     assert {k: q[k] for k in ("quant_method", "fmt", "activation_scheme", "weight_block_size")} == {

@@ -68,7 +68,7 @@ def test_convert_writes_ranks_config_and_manifest(
     ("pipeline", "needles"),
     [
         ("shard{ep=3}", ["ep=3 does not divide moe.num_experts=8"]),
-        ("shard{tp=2},quantize-fp8", ["recipe=block128 needs 128-aligned", "recipe=channel"]),
+        ("shard{tp=2},quantize-fp8{serving=false}", ["recipe=block128 needs 128-aligned", "recipe=channel"]),
         ("quantize-fp8,fuse-moe", ["quantize-fp8 must come after fuse-moe"]),
         ("fuse-moe{x=1}", ["fuse-moe has no argument 'x'"]),
     ],
@@ -100,7 +100,7 @@ def _nan(t: dict[str, torch.Tensor]) -> None:
         (lambda t: t.__setitem__("model.layers.1.mlp.experts.3.up_proj.weight", torch.randn(5, 64)), "fuse-moe",
          "model.layers.1.mlp.experts.3.up_proj.weight has shape [5, 64]"),
         (lambda t: t.__setitem__("model.norm.weight", torch.ones(64, dtype=torch.int32)), "", "model.norm.weight has dtype I32"),
-        (_nan, "quantize-fp8", "model.layers.1.mlp.experts.6.up_proj.weight: cannot quantise to FP8: it has non-finite"),
+        (_nan, "quantize-fp8{serving=false}", "model.layers.1.mlp.experts.6.up_proj.weight: cannot quantise to FP8: it has non-finite"),
     ],
 )  # fmt: skip
 def test_bad_checkpoints_exit_2_naming_the_tensor(
@@ -121,7 +121,8 @@ def test_fp8_sources_need_their_config_and_scales(
     ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     q = tmp_path / "q"
-    assert run(["convert", ckpt, "-o", q, "--pipeline", "quantize-fp8", "--quiet"], capsys)[0] == 0
+    fp8 = "quantize-fp8{serving=false}"  # glm-tiny's sizes: the serving rule would keep them BF16
+    assert run(["convert", ckpt, "-o", q, "--pipeline", fp8, "--quiet"], capsys)[0] == 0
     # FP8 -> bf16 works (dequantised)...
     assert run(["convert", q, "-o", tmp_path / "deq", "--dtype", "bf16", "--quiet"], capsys)[0] == 0
     assert (
@@ -178,7 +179,7 @@ def test_ir_command(capsys: pytest.CaptureFixture[str]) -> None:
         "// ----- IR after shard{ep=2} -----",
         "// ----- IR after quantize-fp8 -----",
     ]
-    assert "weight_scale_inv" in out and "all_to_all" in out
+    assert "fp8_kept=" in out and "all_to_all" in out  # glm-tiny's sizes: the serving rule keeps BF16
     for name in ("lower", "fuse-moe", "shard{ep=2}", "quantize-fp8", "total"):
         assert name in err
     code, out, _ = run(["ir", "glm-tiny"], capsys)

@@ -1,5 +1,6 @@
 """quantize-fp8: which GEMMs become FP8 (and which never do), scale shapes per recipe and per
-fused component, exclusion patterns, and plans whose block scales cannot be split."""
+fused component, exclusion patterns, plans whose block scales cannot be split, and the serving
+stacks' 128 rule (kept BF16 by default, refused with strict=true)."""
 
 import pytest
 
@@ -8,6 +9,7 @@ from glmc.ir import DType, Graph, ParamRole, count_params, shard_specs, weight_b
 from glmc.lower import lower
 from glmc.passes import PassError
 from glmc.pipeline import run_pipeline
+from glmc.spec import ModelSpec
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +59,9 @@ def test_scale_shapes_per_recipe_and_component(glm45: Graph) -> None:
 
 
 def test_fused_segments_keep_their_own_blocks() -> None:
-    # glm-tiny's k and v have 64 rows: each gets its own (partial) block row.
-    g = run_pipeline(lower(presets.get("glm-tiny")), "fuse-moe,quantize-fp8")
+    # glm-tiny's k and v have 64 rows: each gets its own (partial) block row (serving=false:
+    # the serving stacks' 128 rule would keep every glm-tiny weight in BF16).
+    g = run_pipeline(lower(presets.get("glm-tiny")), "fuse-moe,quantize-fp8{serving=false}")
     assert g.node("model.layers.0.self_attn").param("qkv_proj.weight_scale_inv").shape == (1 + 1 + 1, 1)
     assert g.node("model.layers.0.mlp").param("gate_up_proj.weight_scale_inv").shape == (2, 1)
 
@@ -76,8 +79,16 @@ def test_exclude_patterns_in_either_spelling(glm45: Graph) -> None:
         ("quantize-fp8{exclude=*.q_proj}", "exclude all of a group or none"),
         ("quantize-fp8{exclude=*.nothing_like_this}", "matches no GEMM weight"),
         (
-            "fuse-moe,shard{tp=2},quantize-fp8",
+            "fuse-moe,shard{tp=2},quantize-fp8{serving=false}",
             "splits the rows of model.layers.0.self_attn.qkv_proj.weight into pieces of 64",
+        ),
+        (
+            "fuse-moe,shard{tp=2},quantize-fp8{strict=true}",
+            "model.layers.0.self_attn.qkv_proj.weight has output size 64 per rank (tp=2), not a multiple of 128",
+        ),
+        (
+            "quantize-fp8{strict=true}",
+            "model.layers.0.self_attn.q_proj.weight has input size 64, not a multiple",
         ),
     ],
 )
@@ -101,4 +112,65 @@ def test_block_scales_split_with_128_aligned_pieces(glm45: Graph) -> None:
     assert specs["tp"].segments == (12, 12)  # 1536 / 4 = 384 rows = 3 blocks per rank and half
     assert specs["ep"].index == shard_specs(moe.param("experts.gate_up_proj"))[0].index
     with pytest.raises(PassError, match=r"experts\.gate_up_proj into pieces of 192"):
-        run_pipeline(glm45, "fuse-moe,shard{tp=8},quantize-fp8")
+        run_pipeline(glm45, "fuse-moe,shard{tp=8},quantize-fp8{serving=false}")
+    # By default those 192-row pieces stay BF16: no serving stack runs them as block FP8.
+    g8 = run_pipeline(glm45, "fuse-moe,shard{tp=8},quantize-fp8")
+    kept = g8.node("model.layers.3.mlp").param("experts.gate_up_proj")
+    assert kept.dtype is DType.BF16 and kept.attr("fp8_kept") == "output size 192 per rank (tp=8)"
+
+
+def _per_rank_sizes(g: Graph, fqn: str) -> list[int]:
+    """Output sizes (per fused component) and the input size of one rank's piece, from the
+    placements alone (an independent restatement of the rule the pass applies)."""
+    mesh = dict(g.attr("mesh", ()) or ())
+    _, _, p = next(x for x in g.params() if x[0] == fqn)
+    rows = list(p.attr("segments", None) or [p.shape[-2]])
+    if p.role is ParamRole.EXPERT and p.name.endswith("gate_up_proj"):
+        rows = [p.shape[-2] // 2] * 2
+    cols = p.shape[-1]
+    for s in shard_specs(p):
+        if s.index:
+            continue
+        if s.dim == len(p.shape) - 2:
+            rows = [seg // (mesh[s.axis] // rep) for seg, rep in zip(s.segments, s.replicas, strict=True)]
+        elif s.dim == len(p.shape) - 1:
+            cols //= mesh[s.axis]
+    return [*rows, cols]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_every_fp8_weight_fits_the_serving_rule_on_glm45_air(tp: int) -> None:
+    """GLM-4.5-Air: the 10944-wide dense MLP stays BF16 at every tp; every FP8 weight's per-rank
+    output and input sizes are multiples of 128; the kept ones are exactly those that are not."""
+    g = run_pipeline(lower(presets.get("glm-4.5-air")), f"fuse-moe,shard{{tp={tp}}},quantize-fp8")
+    kept = set(g.attr("fp8_kept"))
+    assert {"model.layers.0.mlp.gate_up_proj.weight", "model.layers.0.mlp.down_proj.weight"} <= kept
+    n_fp8 = 0
+    for fqn, _, p in g.params():
+        if p.role not in (ParamRole.WEIGHT, ParamRole.EXPERT) or len(p.shape) < 2:
+            continue
+        fits = all(size % 128 == 0 for size in _per_rank_sizes(g, fqn))
+        if p.attr("quant", None) is not None:
+            assert fits, fqn
+            n_fp8 += 1
+        elif fqn in kept:
+            assert not fits, fqn
+    assert n_fp8 > 0
+    if tp == 1:  # only the dense MLP: attention (96 x 128 heads), experts (1408 = 11 x 128) fit
+        assert kept == {"model.layers.0.mlp.gate_up_proj.weight", "model.layers.0.mlp.down_proj.weight"}
+
+
+def test_unfused_groups_are_kept_whole() -> None:
+    """A q/k/v or gate/up group is one layer in the serving stacks: one member that does not fit
+    keeps its siblings in BF16 too, each saying why."""
+    data = presets.get("glm-tiny").model_dump(mode="json")
+    data |= {"hidden_size": 128, "mlp": {"intermediate_size": 256}}
+    data["attention"] |= {"num_heads": 2, "num_kv_heads": 1, "head_dim": 64}  # q 128 rows, k/v 64
+    data["moe"] |= {"intermediate_size": 128, "n_group": 1, "topk_group": 1}
+    g = run_pipeline(lower(ModelSpec.from_dict(data)), "quantize-fp8")
+    att = g.node("model.layers.0.self_attn")
+    assert att.param("k_proj.weight").attr("fp8_kept") == "output size 64"
+    assert att.param("q_proj.weight").attr("fp8_kept") == "kept with k_proj (output size 64)"
+    assert att.param("q_proj.weight").dtype is DType.BF16
+    assert att.param("o_proj.weight").attr("quant") == "block128"  # 128 x 128 fits
+    assert g.node("model.layers.0.mlp").param("gate_proj.weight").attr("quant") == "block128"
