@@ -261,6 +261,8 @@ def _make_temporary(dest: Path) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     except OSError as e:
+        if e.errno in _WRITE_ERRNOS:
+            raise GlmcError(_write_error_message(e, dest, None)) from None
         raise GlmcError(f"cannot create output folder {dest}: {e.strerror or e}") from None
     return tmp
 
