@@ -39,7 +39,7 @@ def _awkward(rows, cols, seed, dtype=torch.float32):
     return x.to(dtype)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(deadline=None)  # examples: the profile in tests/conftest.py
 @given(
     rows=st.integers(1, 300),
     cols=st.integers(1, 300),
@@ -91,7 +91,7 @@ def _quantized_pair(m, n, k, seed, dtype):
     return (*quantize_act_ref(a), *quantize_weight_ref(w))
 
 
-@settings(max_examples=6, deadline=None)
+@settings(deadline=None)  # examples: the profile in tests/conftest.py
 @given(
     m=st.integers(1, 70),
     n=st.integers(1, 200),
@@ -108,7 +108,7 @@ def test_fp8_gemm_matches_dequantized_matmul(m, n, k, out_dtype, seed, device):
     torch.testing.assert_close(got.float().cpu(), ref, atol=tol * ref.abs().max().item() + 1e-6, rtol=tol)
 
 
-@settings(max_examples=6, deadline=None)
+@settings(deadline=None)  # examples: the profile in tests/conftest.py
 @given(
     counts=st.lists(st.integers(0, 40), min_size=1, max_size=6),
     tail=st.integers(0, 5),

@@ -79,7 +79,7 @@ def _kwargs(case):
     }
 
 
-@settings(max_examples=12, deadline=None)
+@settings(deadline=None)  # examples: the profile in tests/conftest.py
 @given(case=router_cases())
 def test_fused_router_matches_reference(case, device):
     x, w, bias = _inputs(case, device)
@@ -90,7 +90,7 @@ def test_fused_router_matches_reference(case, device):
     assert_same_routing(ids, wts, ids_ref, wts_ref, choice)
 
 
-@settings(max_examples=6, deadline=None)
+@settings(deadline=None)  # examples: the profile in tests/conftest.py
 @given(case=router_cases())
 def test_fused_router_backward_matches_reference(case, device):
     case = {**case, "dtype": torch.float32, "tokens": max(case["tokens"], 1)}
