@@ -15,6 +15,7 @@ from glmc.errors import CheckpointError, GlmcError, SpecError
 from glmc.ir import Graph, TrainingAssumptions, format_graph, per_rank_memory, summary
 from glmc.lower import lower
 from glmc.outdir import atomic_folder, check_output_folder
+from glmc.resources import check_model
 from glmc.spec import ModelSpec
 
 GLMC_SPEC_FILE = "glmc_spec.json"  # marks a folder written by glmc; holds the ModelSpec
@@ -231,6 +232,7 @@ def build(
     inputs = {"--weights folder": weights, "spec": _spec_path(spec)}
     check_output_folder(out, inputs=inputs, replace=force)  # before any work
     torch_dtype = _torch_dtype(dtype)
+    check_model(s, _ir_dtype(torch_dtype), "glmc build", weights)  # refuse what cannot fit, before allocating
     say(f"lowering {s.name}")
     graph = compile_graph(s, pipeline, dtype=_ir_dtype(torch_dtype))
     manifest: dict[str, Any] = {

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from glmc.api import build_torch, compile_graph, resolve_spec
 from glmc.errors import GlmcError
 from glmc.ir import flops_per_token
+from glmc.resources import check_training
 from glmc.train import balance, checkpoint, run_folder
 from glmc.train.config import TrainConfig
 from glmc.train.data import PackedData, check_vocab, list_files, load_tokens, make_tokenizer
@@ -77,6 +78,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     spec = resolve_spec(cfg.spec)
     graph = compile_graph(spec, cfg.pipeline)
     _, world, _ = world_from_env()
+    check_training(spec, world)  # refuse a model that cannot fit, before allocating
     plan = resolve_plan(cfg, plan_from_graph(graph), world)
     num_experts = spec.moe.num_experts if spec.moe is not None else None
     d = setup(plan, num_experts, spec.attention.num_kv_heads, tp_mlp_sizes(spec))
