@@ -68,8 +68,9 @@ def describe(value: object) -> str:
         return f"{clip(repr(value))} (a string)"
     if isinstance(value, int | float):
         return f"{clip(value)} ({'an integer' if isinstance(value, int) else 'a number'})"
-    kind = {dict: "an object", list: "a list"}.get(type(value), f"a {type(value).__name__}")
-    return kind
+    if isinstance(value, dict):
+        return "an object"
+    return "a list" if isinstance(value, list) else f"a {type(value).__name__}"
 
 
 def _short_repr(value: object) -> str:
