@@ -83,7 +83,7 @@ def check_model(spec: ModelSpec, dtype: str, what: str, weights: str | Path | No
     require(
         held + temp + BASELINE_BYTES,
         f"{what}: {spec.name} needs about {_size(held + temp + BASELINE_BYTES)} of memory "
-        f"({_size(held)} of {dtype} weights, {how})",
+        f"({_size(held)} of {DType.parse(dtype)} weights, {how})",
         "`glmc inspect SPEC` shows its sizes, with --pipeline 'shard{...}' per rank",
     )
 

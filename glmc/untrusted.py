@@ -84,8 +84,7 @@ def _short_repr(value: object) -> str:
 
 def one_line(message: str, limit: int = MESSAGE_CHARS) -> str:
     """`message` on one line (newlines and runs of blanks folded), printable, at most `limit` chars."""
-    text = printable(re.sub(r"\s*\n\s*", "; ", message.strip()))
-    text = re.sub(r"[ \t]{2,}", " ", text)
+    text = printable(re.sub(r"[ \t]+", " ", re.sub(r"\s*\n\s*", "; ", message.strip())))
     if len(text) <= limit:
         return text
     return f"{text[: limit - 30]}... ({len(text) - limit + 30} more chars)"

@@ -134,3 +134,50 @@ def test_json_schema_has_descriptions():
     schema = ModelSpec.model_json_schema()
     assert schema["properties"]["hidden_size"]["description"]
     assert "MoESpec" in schema["$defs"]
+
+
+def test_size_bounds_sit_far_above_the_released_models():
+    """The validator's upper bounds refuse absurd values without touching real ones."""
+    from glmc import spec as S
+
+    for name in ("glm-4.5", "glm-4.5-air"):
+        s = presets.get(name)
+        assert s.moe is not None
+        assert s.vocab_size * 8 <= S.MAX_VOCAB and s.hidden_size * 8 <= S.MAX_HIDDEN
+        assert s.num_layers * 8 <= S.MAX_LAYERS and s.moe.num_experts * 8 <= S.MAX_EXPERTS
+        assert s.attention.num_heads * 8 <= S.MAX_HEADS and s.attention.head_dim * 8 <= S.MAX_HEAD_DIM
+        assert s.mlp.intermediate_size * 8 <= S.MAX_INTERMEDIATE
+    schema = ModelSpec.model_json_schema()
+    assert schema["properties"]["hidden_size"]["maximum"] == S.MAX_HIDDEN
+
+
+def test_strict_types_still_take_integers_for_floats_and_yaml_booleans(tmp_path):
+    d = _tiny()
+    d["attention"]["rope"]["theta"] = 10000  # an int where a float is meant: exact, accepted
+    text = yaml.safe_dump(d).replace("qk_norm: true", "qk_norm: yes")  # YAML 1.1 boolean
+    (tmp_path / "s.yaml").write_text(text)
+    s = ModelSpec.from_file(tmp_path / "s.yaml")
+    assert s.attention.rope.theta == 10000.0 and s.attention.qk_norm is True
+
+
+@pytest.mark.parametrize(
+    ("update", "needle"),
+    [
+        ({"num_layers": True}, "num_layers: Input should be a valid integer, got true (a boolean)"),
+        ({"hidden_size": "64"}, "hidden_size: Input should be a valid integer, got '64' (a string)"),
+        ({"initializer_range": float("inf")}, "initializer_range: Input should be a finite number"),
+        ({"name": ""}, "name: String should have at least 1 character"),
+        ({"name": "x\x1b[0m"}, "name: x\\x1b[0m holds control or format characters"),
+    ],
+)
+def test_spec_errors_are_one_short_line(update, needle):
+    with pytest.raises(SpecError) as e:
+        ModelSpec.from_dict({**_tiny(), **update})
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_many_errors_are_summarised():
+    d = dict.fromkeys(_tiny(), "x")
+    with pytest.raises(SpecError) as e:
+        ModelSpec.from_dict(d)
+    assert "and " in str(e.value) and " more" in str(e.value) and len(str(e.value)) < 600
