@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import accelerate  # noqa: F401  (transformers' FP8 checkpoint loader needs it: a hard test dependency)
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file
 from specs import WIDE  # tests/specs.py
@@ -90,13 +92,10 @@ def test_hf_to_fused_to_hf_is_bit_exact(tiny_ckpt: Path, tmp_path: Path) -> None
 
 def test_fused_experts_match_transformers_in_memory_layout(tiny_ckpt: Path, tmp_path: Path) -> None:
     """transformers 5 stacks experts as gate_up_proj [E, 2I, H], gate rows first: the same tensor."""
-    transformers = pytest.importorskip("transformers")
     convert(tiny_ckpt, tmp_path / "fused", "fuse-moe")
     fused = _tensors(tmp_path / "fused")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
     experts = hf.model.layers[1].mlp.experts
-    if not hasattr(experts, "gate_up_proj"):
-        pytest.skip("transformers 4.x keeps experts as a ModuleList")
     assert torch.equal(experts.gate_up_proj.data, fused["model.layers.1.mlp.experts.gate_up_proj"])
     assert torch.equal(experts.down_proj.data, fused["model.layers.1.mlp.experts.down_proj"])
 
@@ -152,18 +151,22 @@ def _graph_of(out: Path) -> Graph:
 
 
 @pytest.mark.parametrize(
-    "pipeline",
+    ("pipeline", "n_ranks"),  # ranks with distinct weights: pp x ep x tp (dp replicas are copies)
     [
-        "fuse-moe,shard{ep=2,tp=2,pp=2}",
-        "shard{ep=4}",
-        "shard{ep=2,tp=4,pp=3}",
-        "fuse-moe,shard{ep=4,redundant_experts=4}",
+        ("fuse-moe,shard{ep=2,tp=2,pp=2}", 8),
+        ("shard{ep=4}", 4),
+        ("shard{ep=2,tp=4,pp=3}", 24),
+        ("fuse-moe,shard{ep=4,redundant_experts=4}", 4),
     ],
 )
-def test_rank_shards_reassemble_bit_exact(tiny_ckpt: Path, tmp_path: Path, pipeline: str) -> None:
+def test_rank_shards_reassemble_bit_exact(
+    tiny_ckpt: Path, tmp_path: Path, pipeline: str, n_ranks: int
+) -> None:
     out = tmp_path / "ranks"
     r = convert(tiny_ckpt, out, pipeline)
-    assert r["ranks"] == len(r["ranks"] if isinstance(r["ranks"], list) else []) or r["ranks"] > 1
+    manifest = json.loads((out / "glmc_convert.json").read_text())
+    assert r["ranks"] == len(manifest["ranks"]) == n_ranks
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(m["dir"] for m in manifest["ranks"])
     _assert_same(_assembled(out), _tensors(tiny_ckpt))
 
 
@@ -234,8 +237,6 @@ def test_channel_checkpoint_format(tiny_ckpt: Path, tmp_path: Path) -> None:
 
 def test_transformers_loads_the_block128_checkpoint(wide_ckpt: Path, tmp_path: Path) -> None:
     """transformers' FineGrainedFP8 dequantises on CPU: its logits equal glmc's from the same files."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")  # transformers' FP8 loader needs it
     convert(wide_ckpt, tmp_path / "q", "quantize-fp8")
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     ours = glmc.from_pretrained(tmp_path / "q", dtype=torch.float32)

@@ -2,6 +2,7 @@
 bad orders rejected with messages naming them; the IR verified after every pass."""
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -88,10 +89,18 @@ def test_ir_is_verified_after_every_pass() -> None:
 
 def test_runner_records_provenance_and_timings() -> None:
     seen = []
-    g = run_pipeline(lower(presets.get("glm-tiny")), "fuse-moe,shard{ep=2}", lambda p, g, r: seen.append(r))
+    graph = lower(presets.get("glm-tiny"))
+    t0 = time.perf_counter()
+    g = run_pipeline(graph, "fuse-moe,shard{ep=2}", lambda p, g, r: seen.append(r))
+    elapsed = time.perf_counter() - t0
     assert g.attr("passes") == ("fuse-moe", "shard{ep=2}")
     assert [r.spelling for r in seen] == ["fuse-moe", "shard{ep=2}"]
-    assert seen[0].nodes_before == 47 and seen[0].nodes_after < 47 and all(r.seconds >= 0 for r in seen)
+    assert seen[0].nodes_before == len(graph.nodes) == 47 and seen[0].nodes_after < 47
+    assert seen[1].nodes_before == seen[0].nodes_after and seen[1].nodes_after == len(g.nodes)
+    # Durations, not timestamps: each positive, and together inside the run's own wall time (an
+    # absolute perf_counter value, a sign error or milliseconds would break the sum).
+    assert all(r.seconds > 0 and r.verify_seconds > 0 for r in seen)
+    assert sum(r.seconds + r.verify_seconds for r in seen) <= elapsed
 
 
 def test_passes_are_pure() -> None:
