@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glmc.errors import GlmcError
+from glmc.outdir import check_output_folder
 from glmc.train import checkpoint
 from glmc.train.config import TrainConfig
 
@@ -38,35 +39,25 @@ def _listing(names: list[str]) -> str:
     return ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
 
 
-def inputs(cfg: TrainConfig) -> list[Path]:
-    """Paths the run reads (a folder holding one of them is never cleared)."""
-    paths = [Path(p) for p in cfg.data]
+def inputs(cfg: TrainConfig) -> dict[str, Path]:
+    """Paths the run reads (label -> path): a folder that is, holds or lies inside one of them is
+    never cleared."""
+    paths = {f"training data {p}": Path(p) for p in cfg.data}
     if cfg.tokenizer:
-        paths.append(Path(cfg.tokenizer))
+        paths["tokenizer"] = Path(cfg.tokenizer)
     if isinstance(cfg.spec, (str, Path)) and Path(cfg.spec).exists():
-        paths.append(Path(cfg.spec))
+        paths["spec file"] = Path(cfg.spec)
     return paths
 
 
-def check_clearable(folder: Path, reads: list[Path]) -> None:
-    """Refuse to delete the contents of a folder that is, or lies above, something that matters."""
-    r = folder.resolve()
-    cwd = Path.cwd().resolve()
-    why = None
-    if r.parent == r:
-        why = "it is the filesystem root"
-    elif r == Path.home().resolve():
-        why = "it is the home folder"
-    elif r == cwd or r in cwd.parents:
-        why = "it is the current folder or one of its ancestors"
-    else:
-        for p in reads:
-            q = p.resolve()
-            if q == r or r in q.parents:
-                why = f"it holds the input {p}"
-                break
-    if why:
-        raise GlmcError(f"--force will not delete the contents of the run folder {folder}: {why}")
+def check_clearable(folder: Path, reads: dict[str, Path]) -> None:
+    """Refuse to delete the contents of a folder that is, or lies above, something that matters:
+    glmc.outdir's rules for a folder an output replaces (not `/`, home, the current folder or
+    one above it, a symbolic link, nor a folder that is, holds or lies inside an input)."""
+    try:
+        check_output_folder(folder, inputs=reads, replace=True)
+    except GlmcError as e:
+        raise GlmcError(f"--force will not delete the contents of the run folder {folder}: {e}") from None
 
 
 def clear(folder: Path) -> None:
