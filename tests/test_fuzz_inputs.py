@@ -129,7 +129,7 @@ def like(old: Any) -> st.SearchStrategy[Any]:
     if isinstance(old, bool):
         return st.booleans()
     if isinstance(old, int):
-        return st.one_of(st.integers(-2, 2 * old + 2), st.sampled_from(EDGE_INTS))
+        return st.one_of(st.integers(-2, max(2 * old + 2, 2)), st.sampled_from(EDGE_INTS))
     if isinstance(old, float):
         return st.floats(allow_nan=True, allow_infinity=True)
     if isinstance(old, str):
