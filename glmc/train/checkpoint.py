@@ -189,14 +189,23 @@ def _sharded_state(module: nn.Module, opts: list[torch.optim.Optimizer], d: Dist
 
 def _local_piece(t: Tensor, rank: int = 0) -> tuple[Tensor, tuple[int, ...], tuple[int, ...], bool]:
     """(local tensor, its offset in the global tensor, the global shape, whether this rank
-    writes it: the first replica of a DTensor shard; rank 0 for a plain, replicated tensor)."""
+    writes it).
+
+    The writer of a DTensor piece is its first replica: coordinate 0 on every mesh dimension the
+    tensor is replicated over, within the sub-mesh that holds rank 0 — a DTensor on a slice of
+    the world (FSDP2 over the dp ranks of one tp index) is replicated over the other slices. A
+    plain tensor is replicated on every rank; rank 0 writes it. Loading checks that the pieces
+    cover each tensor exactly once, so a wrong guess fails loudly."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(t, DTensor):
         chunk = t.__create_chunk_list__()[0]
-        coord = t.device_mesh.get_coordinate()
-        owner = coord is not None and all(
-            c == 0 for c, p in zip(coord, t.placements, strict=True) if not p.is_shard()
+        mesh = t.device_mesh
+        coord = mesh.get_coordinate()
+        owner = (
+            coord is not None
+            and bool((mesh.mesh == 0).any())
+            and all(c == 0 for c, p in zip(coord, t.placements, strict=True) if p.is_replicate())
         )
         return t.to_local(), tuple(int(o) for o in chunk.offsets), tuple(t.shape), owner
     return t, (0,) * t.ndim, tuple(t.shape), rank == 0
@@ -500,9 +509,8 @@ def _fill(ck: Checkpoint, key: str, target: Tensor, files: dict[Path, Any]) -> N
             local[_region(offset, tuple(local.shape), lo, hi)].copy_(src)
         covered += math.prod(b - a for a, b in zip(lo, hi, strict=True))
     if covered != local.numel():
-        raise CheckpointError(
-            f"{ck.path}: the stored pieces of {key} do not cover it; the checkpoint is corrupt"
-        )
+        how = "do not cover it" if covered < local.numel() else "overlap"
+        raise CheckpointError(f"{ck.path}: the stored pieces of {key} {how}; the checkpoint is corrupt")
 
 
 _SAFETENSORS_DTYPES = {

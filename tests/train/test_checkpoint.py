@@ -35,24 +35,27 @@ def test_resume_auto_continues_the_metrics_file(tmp_path, corpus):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "plan",
-    [{"ep": 2}, {"dp": 2, "grad_accum": 2}, {"tp": 2}],
-    ids=["ep2+fsdp2", "fsdp2+grad-accum2", "tp2"],
+    ("plan", "world"),
+    [({"ep": 2}, 2), ({"dp": 2, "grad_accum": 2}, 2), ({"tp": 2}, 2), ({"tp": 2}, 4)],
+    ids=["ep2+fsdp2", "fsdp2+grad-accum2", "tp2", "fsdp2xtp2"],
 )
-def test_resume_from_a_distributed_checkpoint_is_exact(tmp_path, corpus, plan):
-    """Over 2 gloo ranks: resuming reproduces the uninterrupted run bit for bit; the same
-    checkpoint, read back on one process (its shards reassembled), continues within float noise."""
-    full = run_distributed(tiny_config(tmp_path / "full", corpus, steps=6, save_every=3, **plan))
-    for rank in (0, 1):
+def test_resume_from_a_distributed_checkpoint_is_exact(tmp_path, corpus, plan, world):
+    """Over gloo ranks: resuming reproduces the uninterrupted run bit for bit; the same
+    checkpoint, read back on one process (its shards reassembled), continues within float noise.
+    fsdp2xtp2 (4 ranks) stores 2-D DTensors (FSDP2's strided shard over dp, TP over tp) and
+    FSDP2-only weights on the dp slice of each tp index, replicated over tp."""
+    full = run_distributed(tiny_config(tmp_path / "full", corpus, steps=6, save_every=3, **plan), world)
+    for rank in range(world):
         assert full[rank][0] == "ok", full[rank]
     ckpt = tmp_path / "full" / "checkpoints" / "step-000003"
     assert sorted(f.name for f in ckpt.iterdir()) == [
-        "rank-00000.safetensors",
-        "rank-00001.safetensors",
+        *(f"rank-{r:05d}.safetensors" for r in range(world)),
         "trainer.json",
     ]
-    resumed = run_distributed(tiny_config(tmp_path / "resumed", corpus, steps=6, resume=str(ckpt), **plan))
-    for rank in (0, 1):
+    resumed = run_distributed(
+        tiny_config(tmp_path / "resumed", corpus, steps=6, resume=str(ckpt), **plan), world
+    )
+    for rank in range(world):
         assert resumed[rank][0] == "ok", resumed[rank]
         assert resumed[rank][1] == full[rank][1][3:]  # exactly the uninterrupted run's losses
     one = train(tiny_config(tmp_path / "one", corpus, steps=6, resume=str(ckpt))).records
