@@ -101,17 +101,21 @@ def read_text(path: Path, what: str = "spec file") -> str:
         raise SpecError(f"{what} not found: {clip(str(path), 200)}") from None
     if not stat.S_ISREG(st.st_mode):
         raise SpecError(f"{clip(str(path), 200)}: {what} is not a regular file")
+    too_big = SpecError(
+        f"{clip(str(path), 200)}: {what} is over {MAX_FILE_BYTES:,} bytes, the most glmc reads "
+        "for a spec or config file"
+    )
     if st.st_size > MAX_FILE_BYTES:
-        raise SpecError(
-            f"{clip(str(path), 200)}: {what} is {st.st_size:,} bytes; glmc reads spec and config files "
-            f"of at most {MAX_FILE_BYTES:,} bytes"
-        )
+        raise too_big
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:  # bounded even where st_size says 0 (/proc files)
+            data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise SpecError(f"{clip(str(path), 200)}: cannot read {what}: {e.strerror}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise too_big
     try:
-        return data[: MAX_FILE_BYTES + 1].decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise SpecError(f"{clip(str(path), 200)}: not UTF-8 text (byte {e.start})") from None
 

@@ -489,4 +489,4 @@ def test_a_file_that_is_not_a_regular_file_is_named(
     refused(["inspect", fifo], capsys, "spec.yaml")
     big = tmp_path / "big.yaml"
     big.write_text("a: 1\n" * 1_000_000)
-    refused(["inspect", big], capsys, "glmc reads spec and config files of at most")
+    refused(["inspect", big], capsys, "the most glmc reads for a spec or config file")
