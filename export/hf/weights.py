@@ -101,8 +101,15 @@ def check_finite(t: torch.Tensor, name: str, where: str, origin: Sequence[int] =
         return
     # aminmax propagates NaN and sees +/-Inf as the extremes, in one vectorised pass: about 25x
     # the speed of isfinite(t).all() on CPU, which materialises a bool tensor (measured on
-    # bf16/fp16/fp32), so the check costs little next to reading the weights.
-    lo, hi = torch.aminmax(t if t.element_size() > 1 else t.float())
+    # bf16/fp16/fp32). One thread: the pass is memory-bound (2-3.5 GB/s on one core), and on a
+    # busy machine a parallel region waits ~20 ms for a descheduled worker, per tensor, which
+    # made checks 70% of a convert of 1 MB expert tensors on a loaded 2-core box.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lo, hi = torch.aminmax(t if t.element_size() > 1 else t.float())
+    finally:
+        torch.set_num_threads(n)
     if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
         return
     bad = ~torch.isfinite(t)
