@@ -17,8 +17,8 @@ Temporary folders are `.{name}.tmp-{pid}-{8 hex}` beside the destination and hol
 with the creating process's pid, host and start time. SIGKILL cannot be caught, so the next run
 for the same destination removes such folders whose creator is gone (same host, pid not alive
 or alive with another start time), and says so on stderr. SIGTERM and SIGHUP are turned into
-an exception by `terminate_raises` (the CLI installs it around a command), so the stack unwinds
-and the context manager cleans up as it does for Ctrl-C.
+an exception by `terminate_raises` (`glmc build` and `glmc convert` run inside it), so the
+stack unwinds and the context manager cleans up as it does for Ctrl-C.
 """
 
 from __future__ import annotations
