@@ -211,6 +211,7 @@ def build(
     dtype: str = "bf16",
     progress: Callable[[str], None] | None = None,
     allow_nonfinite: bool = False,
+    trtllm_version: str | None = None,
 ) -> dict[str, Any]:
     """Compile `spec` and write one subfolder per target into `out`, plus `build.json`.
 
@@ -227,6 +228,8 @@ def build(
         )
     if not emit:
         raise GlmcError("--emit names no target")
+    if trtllm_version is not None and "trtllm" not in emit:
+        raise GlmcError("--trtllm-version applies to --emit trtllm")
     s = resolve_spec(spec)
     out = Path(out)
     inputs = {"--weights folder": weights, "spec": _spec_path(spec)}
@@ -267,7 +270,12 @@ def build(
         (tmp / "graph.txt").write_text(format_graph(graph))
         for target in emit:
             say(f"emitting {target}")
-            _EMITTERS[target](s, graph, state, tmp / target)
+            if target == "trtllm" and trtllm_version is not None:
+                from glmc.runtime.emit import emit_trtllm  # the options' TensorRT-LLM release
+
+                emit_trtllm(s, graph, state, tmp / target, trtllm_version=trtllm_version)
+            else:
+                _EMITTERS[target](s, graph, state, tmp / target)
         (tmp / "build.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -9,14 +9,23 @@ this package adds the options file and the launch scripts.
 """
 
 from .launch import LAUNCH_FILE, LLM_API_FILE, OPTIONS_FILE, write_serving_files
+from .mapping import Mapping, attention_split_problem, plan_mapping
 from .options import ServeOptions, llm_api_options, validate_options, validate_with_tensorrt_llm
+from .schema import LATEST, RELEASES, check_release, floor
 
 __all__ = [
+    "LATEST",
     "LAUNCH_FILE",
     "LLM_API_FILE",
     "OPTIONS_FILE",
+    "RELEASES",
+    "Mapping",
     "ServeOptions",
+    "attention_split_problem",
+    "check_release",
+    "floor",
     "llm_api_options",
+    "plan_mapping",
     "validate_options",
     "validate_with_tensorrt_llm",
     "write_serving_files",

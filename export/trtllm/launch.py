@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from .schema import floor
+
 OPTIONS_FILE = "extra_llm_api_options.yaml"
 LAUNCH_FILE = "launch.sh"
 LLM_API_FILE = "llm_api.py"
@@ -16,7 +18,9 @@ _LAUNCH = """#!/usr/bin/env bash
 # Serve this folder with TensorRT-LLM's PyTorch backend (OpenAI-compatible HTTP server).
 # The checkpoint is a Hugging Face layout folder; {options} holds the parallelism, KV-cache
 # and MTP speculation settings (it overrides the flags below where both are given).
-# Needs: NVIDIA GPU(s), tensorrt_llm >= 1.1 (Glm4MoeForCausalLM, MTPDecodingConfig).
+# Needs: NVIDIA GPU(s), tensorrt_llm >= {floor} (the oldest release with Glm4MoeForCausalLM and every
+# field the options file uses; older ones refuse unknown fields).
+# Attention: {attention}.
 set -euo pipefail
 HERE="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 exec trtllm-serve "$HERE" \\
@@ -27,13 +31,16 @@ exec trtllm-serve "$HERE" \\
   "$@"
 """
 
-_LLM_API = '''"""Generate with this folder through TensorRT-LLM's Python LLM API (GPU required):
+_LLM_API = '''"""Generate with this folder through TensorRT-LLM's Python LLM API (GPU required,
+tensorrt_llm >= {floor}: the oldest release whose LLM arguments take every option written here):
 python llm_api.py "prompt text" """
 
 import sys
 from pathlib import Path
 
 import yaml
+
+from .schema import floor
 from tensorrt_llm import LLM, SamplingParams
 from tensorrt_llm.llmapi import MTPDecodingConfig
 
@@ -50,16 +57,19 @@ for out in llm.generate([prompt], SamplingParams(max_tokens=32, temperature=0.0)
 '''
 
 
-def write_serving_files(out: Path, opts: dict[str, Any]) -> None:
+def write_serving_files(out: Path, opts: dict[str, Any], attention: str = "as the options say") -> None:
+    need = floor(opts)
     (out / OPTIONS_FILE).write_text(
         "# TensorRT-LLM LLM API options (trtllm-serve --extra_llm_api_options, or LLM(**options)).\n"
-        "# Written by glmc; fields checked against TensorRT-LLM's llm_args.py (see README).\n"
-        + yaml.safe_dump(opts, sort_keys=False)
+        f"# Written by glmc; fields checked against TensorRT-LLM {need}'s llm_args.py: needs tensorrt_llm >= {need}.\n"
+        f"# Attention: {attention}.\n" + yaml.safe_dump(opts, sort_keys=False)
     )
     launch = out / LAUNCH_FILE
     launch.write_text(
         _LAUNCH.format(
             options=OPTIONS_FILE,
+            floor=need,
+            attention=attention,
             tp=opts["tensor_parallel_size"],
             pp=opts["pipeline_parallel_size"],
             ep=opts["moe_expert_parallel_size"],
@@ -69,4 +79,4 @@ def write_serving_files(out: Path, opts: dict[str, Any]) -> None:
         )
     )
     launch.chmod(0o755)
-    (out / LLM_API_FILE).write_text(_LLM_API.format(options=OPTIONS_FILE))
+    (out / LLM_API_FILE).write_text(_LLM_API.format(options=OPTIONS_FILE, floor=need))

@@ -1,6 +1,8 @@
-"""The `trtllm-serve` / `LLM(...)` options file: parallelism from the shard plan, KV-cache
-dtype, and MTP speculation (one MTP layer reused for `draft_tokens` drafts: TensorRT-LLM's
-MTP-Eagle mode), with relaxed acceptance inside GLM's `<think>` span when the ids are known.
+"""The `trtllm-serve` / `LLM(...)` options file: parallelism from the shard plan (mapping.py),
+KV-cache dtype, and MTP speculation (one MTP layer reused for `draft_tokens` drafts:
+TensorRT-LLM's MTP-Eagle mode), with relaxed acceptance inside GLM's `<think>` span when the ids
+are known and the target release has the fields for them (1.2; older releases hard-code
+DeepSeek-R1's ids, so there the bundle keeps strict acceptance).
 """
 
 from __future__ import annotations
@@ -10,7 +12,17 @@ from typing import Any
 
 from glmc.ir import GlmcError
 
-from .schema import KV_CACHE_CONFIG, KV_CACHE_DTYPES, MTP_DECODING_CONFIG, TOP_LEVEL, check_fields
+from .schema import (
+    GLM4_MOE_SINCE,
+    KV_CACHE_CONFIG,
+    KV_CACHE_DTYPES,
+    LATEST,
+    TOP_LEVEL,
+    check_fields,
+    check_release,
+    mtp_fields,
+    release_key,
+)
 
 
 @dataclass(frozen=True)
@@ -26,10 +38,19 @@ class ServeOptions:
     max_num_tokens: int = 8192
     max_seq_len: int = 4096
     free_gpu_memory_fraction: float = 0.85
+    trtllm_version: str = LATEST  # the release whose llm_args fields the options may use
 
 
 def llm_api_options(o: ServeOptions, num_experts: int, has_mtp: bool) -> dict[str, Any]:
     """The options dict (YAML for `--extra_llm_api_options`, or kwargs for `LLM`)."""
+    try:
+        version = check_release(o.trtllm_version)
+    except ValueError as e:
+        raise GlmcError(f"--trtllm-version: {e}") from None
+    if release_key(version) < release_key(GLM4_MOE_SINCE):
+        raise GlmcError(
+            f"--trtllm-version {o.trtllm_version}: TensorRT-LLM runs Glm4MoeForCausalLM from {GLM4_MOE_SINCE} on"
+        )
     if o.tp < 1 or o.ep < 1 or o.tp % o.ep:
         raise GlmcError(f"trtllm: expert parallel size ep={o.ep} must divide tensor parallel size tp={o.tp}")
     if num_experts and num_experts % o.ep:
@@ -55,7 +76,7 @@ def llm_api_options(o: ServeOptions, num_experts: int, has_mtp: bool) -> dict[st
     }
     if o.draft_tokens and has_mtp:
         spec: dict[str, Any] = {"decoding_type": "MTP", "num_nextn_predict_layers": o.draft_tokens}
-        if o.think_ids is not None:
+        if o.think_ids is not None and "begin_thinking_phase_token" in mtp_fields(version):
             spec |= {
                 "use_relaxed_acceptance_for_thinking": True,
                 "relaxed_topk": 10,  # TensorRT-LLM's documented example values
@@ -64,14 +85,15 @@ def llm_api_options(o: ServeOptions, num_experts: int, has_mtp: bool) -> dict[st
                 "end_thinking_phase_token": o.think_ids[1],
             }
         opts["speculative_config"] = spec
-    problems = validate_options(opts)
+    problems = validate_options(opts, version)
     if problems:
         raise GlmcError("trtllm options do not match TensorRT-LLM's fields: " + "; ".join(problems))
     return opts
 
 
-def validate_options(opts: dict[str, Any]) -> list[str]:
-    """Check the options against the documented TensorRT-LLM fields (no tensorrt_llm needed)."""
+def validate_options(opts: dict[str, Any], version: str = LATEST) -> list[str]:
+    """Check the options against the documented TensorRT-LLM fields of release `version` (no
+    tensorrt_llm needed)."""
     problems = check_fields("", opts, TOP_LEVEL)
     kv = opts.get("kv_cache_config", {})
     problems += check_fields("kv_cache_config.", kv, KV_CACHE_CONFIG)
@@ -79,7 +101,7 @@ def validate_options(opts: dict[str, Any]) -> list[str]:
         problems.append(f"kv_cache_config.dtype: {kv['dtype']!r} not in {KV_CACHE_DTYPES}")
     spec = opts.get("speculative_config")
     if spec is not None:
-        problems += check_fields("speculative_config.", spec, MTP_DECODING_CONFIG)
+        problems += check_fields("speculative_config.", spec, mtp_fields(version))
         if spec.get("decoding_type") != "MTP":
             problems.append("speculative_config.decoding_type: must be 'MTP'")
         if spec.get("num_nextn_predict_layers", 1) < 1:

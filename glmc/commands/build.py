@@ -31,6 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep --weights tensors holding NaN or Inf (refused by default, naming the tensor)",
     )
+    p.add_argument(
+        "--trtllm-version",
+        help="TensorRT-LLM release the trtllm options are written for (1.1, 1.2; default: the newest): "
+        "only that release's llm_args fields are used",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             progress=lambda msg: status.update(msg),
             allow_nonfinite=args.allow_nonfinite,
+            trtllm_version=args.trtllm_version,
         )
     p = manifest["summary"]["params"]
     console.print(

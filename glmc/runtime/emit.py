@@ -80,11 +80,18 @@ def emit_torch_trt(spec: ModelSpec, graph: Graph, state: dict[str, torch.Tensor]
     write_manifest(out, "torch-trt", spec, files, dtype=str(dtype).removeprefix("torch."))
 
 
-def emit_trtllm(spec: ModelSpec, graph: Graph, state: dict[str, torch.Tensor], out: Path) -> None:
+def emit_trtllm(
+    spec: ModelSpec,
+    graph: Graph,
+    state: dict[str, torch.Tensor],
+    out: Path,
+    trtllm_version: str | None = None,
+) -> None:
     """The Hugging Face checkpoint (FP8 block128 when quantized; never split per rank:
-    TensorRT-LLM shards at load time from the options' sizes) plus the serving files."""
+    TensorRT-LLM shards at load time from the options' sizes) plus the serving files, whose
+    fields are those of TensorRT-LLM release `trtllm_version` (default: the newest glmc knows)."""
     from glmc.api import _emit_hf
-    from glmc.export.trtllm import ServeOptions, llm_api_options, write_serving_files
+    from glmc.export.trtllm import LATEST, ServeOptions, llm_api_options, plan_mapping, write_serving_files
 
     if graph.attr("weight_layout", None) == "fused":
         raise GlmcError(
@@ -98,18 +105,29 @@ def emit_trtllm(spec: ModelSpec, graph: Graph, state: dict[str, torch.Tensor], o
             f"blocks, weight_scale_inv): use quantize-fp8{{recipe=block128}}, not recipe={recipe}"
         )
     mesh = mesh_of(graph)
+    # glmc's mesh: experts split over ep (x tp), attention over tp with ep as data parallel.
+    # TensorRT-LLM: tensor_parallel_size GPUs per pipeline stage, experts moe_ep x moe_tp,
+    # attention either TP over all of them or pure DP (attention-DP); checked before writing.
+    m = plan_mapping(
+        ep=mesh["ep"],
+        tp=mesh["tp"],
+        pp=mesh["pp"],
+        num_heads=spec.attention.num_heads,
+        num_kv_heads=spec.attention.num_kv_heads,
+        num_experts=spec.moe.num_experts if spec.moe else 0,
+        moe_intermediate_size=spec.moe.intermediate_size if spec.moe else 0,
+    )
     _emit_hf(spec, graph.with_attrs(mesh=None, pp_stages=None), state, out)
     opts = ServeOptions(
-        # glmc's mesh: experts split over ep (x tp), attention over tp with ep as data parallel.
-        # TensorRT-LLM: tensor_parallel_size GPUs per pipeline stage, experts moe_ep x moe_tp,
-        # attention either TP over all of them or pure DP (attention-DP) - exact when tp == 1.
-        tp=mesh["ep"] * mesh["tp"],
-        ep=mesh["ep"],
-        pp=mesh["pp"],
-        attention_dp=mesh["ep"] > 1 and mesh["tp"] == 1,
+        tp=m.tensor_parallel_size,
+        ep=m.moe_expert_parallel_size,
+        pp=m.pipeline_parallel_size,
+        attention_dp=m.enable_attention_dp,
         kv_cache_dtype="auto",
         think_ids=GLM45_THINK_IDS if spec.vocab_size == GLM45_VOCAB else None,
         max_seq_len=spec.max_position_embeddings,
+        trtllm_version=trtllm_version or LATEST,
     )
     num_experts = spec.moe.num_experts if spec.moe else 0
-    write_serving_files(out, llm_api_options(opts, num_experts, has_mtp=spec.num_mtp_layers > 0))
+    opts_dict = llm_api_options(opts, num_experts, has_mtp=spec.num_mtp_layers > 0)
+    write_serving_files(out, opts_dict, attention=m.attention)
