@@ -291,10 +291,11 @@ def _spec_path(spec: object) -> Path | None:
 def _build_bytes(info: dict[str, Any], graph: Graph, emit: Sequence[str], dtype: torch.dtype) -> int:
     """A lower bound on what the checkpoint targets write (the deployment targets' sizes
     depend on their exporters and are not counted): compared with the free space up front."""
-    params = int(info["params"]["checkpoint"])
+    params = int(info["params"]["checkpoint"])  # the Hugging Face layout writes the MTP copies
+    held = int(info["params"]["in_memory"])  # the torch artifact does not
     item = torch.empty(0, dtype=dtype).element_size()
     fp8 = graph.attr("quantization", None) is not None
-    per_target = {"torch": params * item, "hf": params * (1 if fp8 else item), "trtllm": params}
+    per_target = {"torch": held * item, "hf": params * (1 if fp8 else item), "trtllm": params}
     return sum(per_target.get(t, 0) for t in emit)
 
 
