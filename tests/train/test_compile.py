@@ -2,10 +2,12 @@
 
 import pytest
 
-from glmc.train import train
-
-from ._dist import run_distributed
+from ._dist import Tolerances, assert_same_run, probed_train, run_distributed
 from .conftest import tiny_config
+
+# Inductor fuses and reorders fp32 arithmetic (measured: weights within 1.1e-5, gradients 3e-6 of
+# eager after 2 steps); a parallel-sync error is still off by 50-100%.
+COMPILED = Tolerances(loss=1e-5, grad=1e-4, weight=1e-4)
 
 
 @pytest.mark.slow
@@ -20,14 +22,14 @@ from .conftest import tiny_config
     ids=["ep2+fsdp2", "tp2"],
 )
 def test_compiled_parallel_step_over_two_ranks_matches_eager(tmp_path, corpus, plan):
-    """Same losses as one eager process, on gloo. Two layers (dense + MoE) and the MTP layer keep
+    """The same run as one eager process, on gloo. Two layers (dense + MoE) and the MTP layer keep
     the cold compile short on 2 cores."""
     from glmc import presets
 
     spec = presets.get("glm-tiny").model_copy(update={"num_layers": 2})
-    eager = train(tiny_config(tmp_path / "e", corpus, spec=spec, steps=2)).records
-    res = run_distributed(tiny_config(tmp_path / "c", corpus, spec=spec, steps=2, compile=True, **plan))
-    for rank in (0, 1):
-        assert res[rank][0] == "ok", res[rank]
-        for a, b in zip(res[rank][1], [r["loss"] for r in eager], strict=True):
-            assert abs(a - b) / b < 1e-4
+    eager = probed_train(tiny_config(tmp_path / "e", corpus, spec=spec, steps=2))
+    res = run_distributed(
+        tiny_config(tmp_path / "c", corpus, spec=spec, steps=2, compile=True, **plan), probe=True
+    )
+    worst = assert_same_run(res, eager, world=2, tol=COMPILED)
+    print(f"compiled {plan}: largest relative differences {worst}")

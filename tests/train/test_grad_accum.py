@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from glmc.cli import main
 from glmc.errors import GlmcError
 from glmc.train import TrainConfig, train
 from glmc.train.trainer import micro_batch_size
 
-from ._dist import Run, train_worker, assert_same_run, probed_train, run_distributed, spawn
+from ._dist import Run, assert_same_run, probed_train, run_distributed, spawn, train_worker
 from .conftest import tiny_config
 
 STEPS = 6
@@ -94,7 +92,9 @@ def test_fsdp2_micro_batches_match_one_process_and_sync_once_per_step(tmp_path, 
     """dp=2 x grad_accum 2: each rank runs 2 micro-batches of 1 sequence per step."""
     counts = {}
     for accum in (1, 2):
-        cfg = tiny_config(tmp_path / f"accum{accum}", corpus, steps=STEPS, dtype="fp32", dp=2, grad_accum=accum)
+        cfg = tiny_config(
+            tmp_path / f"accum{accum}", corpus, steps=STEPS, dtype="fp32", dp=2, grad_accum=accum
+        )
         res = spawn(_counting_worker, 2, cfg)
         worst = assert_same_run(res, reference, world=2)
         (_, rs0), (_, rs1) = res[0][1], res[1][1]

@@ -4,18 +4,14 @@ logits equal the unsharded model's."""
 
 from __future__ import annotations
 
-import os
 import traceback
 from typing import Any
 
-from ._dist import spawn
+from ._dist import Rendezvous, join_world, spawn
 
 
-def _worker(rank: int, world: int, port: int, queue: Any) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-    )  # fmt: skip
+def _worker(rank: int, world: int, rdv: Rendezvous, queue: Any) -> None:
+    join_world(rank, world, rdv)
     import copy
 
     import torch
@@ -26,7 +22,6 @@ def _worker(rank: int, world: int, port: int, queue: Any) -> None:
     from glmc.train.parallel import tensor_parallel
     from glmc.train.plan import ParallelPlan, setup, teardown
 
-    torch.set_num_threads(1)
     d = setup(ParallelPlan(dp=1, tp=2), 8, 2)
     try:
         spec = presets.get("glm-tiny")

@@ -1,4 +1,5 @@
-"""Pieces of the trainer: sampler, tokenizer, losses, Muon, schedule, plan checks."""
+"""Pieces of the trainer: sampler, tokenizer, losses, schedule, plan checks (the optimisers:
+test_optim.py); the test fixtures' restoring of global state."""
 
 import math
 
@@ -8,7 +9,7 @@ import torch
 from glmc.errors import GlmcError
 from glmc.train.data import ByteTokenizer, PackedData, check_vocab
 from glmc.train.losses import mtp_loss, sequence_balance_loss
-from glmc.train.optim import Muon, lr_factor, newton_schulz
+from glmc.train.optim import lr_factor
 from glmc.train.plan import ParallelPlan
 
 
@@ -52,33 +53,6 @@ def test_sequence_balance_loss_matches_the_formula():
     assert math.isclose(
         float(sequence_balance_loss([(torch.full((1, 8, E), 0.5), None)], k)), 1.0, rel_tol=1e-6
     )
-
-
-def test_newton_schulz_matches_torch_muon_and_batches_over_experts():
-    from torch.optim._muon import _zeropower_via_newtonschulz
-
-    g = torch.randn(3, 24, 40)
-    args = ((3.4445, -4.7750, 2.0315), 5, 1e-7)
-    got = newton_schulz(g, *args)
-    for e in range(3):  # torch's runs in bf16, ours in fp32 on CPU
-        torch.testing.assert_close(
-            got[e], _zeropower_via_newtonschulz(g[e], *args).float(), atol=0.03, rtol=0.05
-        )
-    tall = torch.randn(40, 24)
-    torch.testing.assert_close(
-        newton_schulz(tall, *args), _zeropower_via_newtonschulz(tall, *args).float(), atol=0.03, rtol=0.05
-    )
-
-
-def test_muon_steps_stacked_expert_weights():
-    w = torch.nn.Parameter(torch.randn(4, 8, 16))
-    opt = Muon([w], lr=0.1)
-    before = w.detach().clone()
-    w.grad = torch.randn_like(w)
-    opt.step()
-    assert not torch.equal(before, w.detach())
-    with pytest.raises(ValueError, match="2-D or stacked 3-D"):
-        Muon([torch.nn.Parameter(torch.randn(5))])
 
 
 def test_warmup_then_cosine():
@@ -127,3 +101,31 @@ def test_a_shard_plan_that_does_not_fit_the_launch_stops_the_cli(tmp_path, corpu
             "--pipeline", "shard{ep=2}"]  # fmt: skip
     assert main(argv) == 2
     assert "needs dp*tp*pp = 2 processes but the launch has 1" in capsys.readouterr().err
+
+
+def test_global_state_is_put_back_after_a_test():
+    """What the autouse fixtures restore around every test and module: threads, default dtype,
+    RNG, grad mode, environment and the dynamo flag the compiled trainer sets."""
+    import os
+
+    import torch._dynamo
+
+    from .conftest import one_thread
+
+    before = (torch.get_num_threads(), torch.get_default_dtype(), torch.get_rng_state(), dict(os.environ))
+    flag = torch._dynamo.config.capture_scalar_outputs
+    with one_thread():
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        torch.set_default_dtype(torch.float64)
+        torch.manual_seed(1234)
+        torch.set_grad_enabled(False)
+        os.environ["GLMC_TEST_LEAK"] = "1"
+        os.environ.pop("TRITON_INTERPRET", None)
+        torch._dynamo.config.capture_scalar_outputs = not flag
+    assert torch.get_num_threads() == before[0]
+    assert torch.get_default_dtype() == before[1]
+    assert torch.equal(torch.get_rng_state(), before[2])
+    assert torch.is_grad_enabled()
+    assert dict(os.environ) == before[3]
+    assert torch._dynamo.config.capture_scalar_outputs == flag
