@@ -3,7 +3,9 @@
 - block128: the DeepSeek-V3 `fp8` config that transformers (FineGrainedFP8, which dequantises
   on CPU), vLLM/SGLang (`Fp8Config`, `weight_block_size`) and TensorRT-LLM's PyTorch backend
   (FP8_BLOCK_SCALES) read. `modules_to_not_convert` lists the high-precision GEMM modules
-  (vLLM and TensorRT-LLM also accept it in place of `ignored_layers`).
+  (vLLM and TensorRT-LLM also accept it in place of `ignored_layers`), among them the weights
+  quantize-fp8 kept BF16 because their per-rank sizes are not multiples of 128: vLLM's
+  `Fp8Config` then builds those layers unquantised instead of refusing them.
 - channel: compressed-tensors `float-quantized`, one group targeting Linear layers, per-channel
   static weights and per-token dynamic activations, as in the GLM-4.5-FP8 release, with the
   high-precision modules under `ignore`.
