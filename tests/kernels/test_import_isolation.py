@@ -5,7 +5,7 @@ imports that name (`is_kernels_available()` falls back to importing a package it
 metadata). Running the kernel modules a second time defines every `glmc::` op again; torch then
 destroys the first registration while `glmc.kernels` still calls it through a freed dispatcher
 entry (`ValueError: vector::reserve`, or a segfault, at the next call or compile).
-See kernels/README.md, "Finding: a use-after-free ...".
+See kernels/README.md, "Finding: `glmc::` ops called through freed dispatcher entries".
 """
 
 import importlib.util
@@ -48,8 +48,8 @@ print(json.dumps({
 
 def _env(**extra: str) -> dict[str, str]:
     # The child must not write this run's skip report (GLMC_SKIP_REPORT) nor inherit its pytest
-    # or allocator state.
-    drop = ("PYTEST_", "MALLOC_", "GLMC_SKIP_REPORT")
+    # or allocator state, and needs the working directory on sys.path (no PYTHONSAFEPATH).
+    drop = ("PYTEST_", "MALLOC_", "GLMC_SKIP_REPORT", "PYTHONSAFEPATH")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env.update(TRITON_INTERPRET="1", TORCHINDUCTOR_COMPILE_THREADS="1", **extra)
     return env
