@@ -131,7 +131,9 @@ def max_local_numel(p: Param, mesh: Mapping[str, int]) -> int:
     load-aware expert maps, whose ranks all hold the same number of slots)."""
     shape = list(p.shape)
     for s in shard_specs(p):
-        shape[s.dim] = max(s.local_size(mesh[s.axis], r) for r in range(mesh[s.axis]))
+        # Segment splits give every rank the same length; only an index map can differ. Not a
+        # loop over ranks in Python: a mesh axis may have tens of thousands of them.
+        shape[s.dim] = max(map(len, s.index)) if s.index else s.local_size(mesh[s.axis], 0)
     n = 1
     for d in shape:
         n *= d

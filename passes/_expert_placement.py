@@ -27,6 +27,7 @@ Placement = tuple[tuple[int, ...], ...]
 MAX_HISTOGRAM_BYTES = 64 * 2**20
 
 
+@lru_cache(maxsize=16)  # every layer shares one placement object (they are large at big ep)
 def contiguous(num_experts: int, ep: int) -> Placement:
     per = num_experts // ep
     return tuple(tuple(range(r * per, (r + 1) * per)) for r in range(ep))

@@ -46,6 +46,9 @@ from .base import Pass, PassError
 # verifying and printing a plan stays quick.
 MAX_WORLD_SIZE = 2**20
 MAX_EXPERT_SLOTS = 2**16
+# Expert slots x MoE layers: the size of the expert maps the IR carries (and prints), which
+# verification and per-rank memory walk. GLM-4.5 at MAX_EXPERT_SLOTS stays below it.
+MAX_PLACEMENT_ENTRIES = 2**23
 MAX_SEQ_LEN = 2**30
 
 
@@ -153,6 +156,12 @@ class Shard(Pass):
             raise PassError(
                 f"shard: moe.num_experts + redundant_experts = {slots} expert slots per layer exceeds "
                 f"{MAX_EXPERT_SLOTS}"
+            )
+        moe_layers = sum(1 for n in g.nodes if n.op in _MOE_OPS)
+        if ep > 1 and slots * moe_layers > MAX_PLACEMENT_ENTRIES:
+            raise PassError(
+                f"shard: {slots} expert slots x {moe_layers} MoE layers = {slots * moe_layers} expert-map "
+                f"entries exceeds {MAX_PLACEMENT_ENTRIES}; use a smaller ep or fewer redundant_experts"
             )
         if slots % ep:
             divisors = [d for d in range(1, e + 1) if e % d == 0]

@@ -295,3 +295,14 @@ def test_expert_load_must_be_a_regular_file(tmp_path: Path, make: str, needle: s
         os.mkfifo(path)  # reading it would block forever
     with pytest.raises(PassError, match=needle):
         run_pipeline(lower(presets.get("glm-tiny")), f"shard{{ep=2,expert_load={path}}}")
+
+
+def test_expert_maps_of_many_layers_are_bounded() -> None:
+    """Slots x MoE layers bounds the expert maps the IR carries: 65536 slots in 200 layers are
+    refused by name; the same slots in 64 layers are planned, every layer sharing one map."""
+    many = _tiny(num_layers=200, moe={"num_experts": 65536})
+    with pytest.raises(PassError, match="65536 expert slots x 200 MoE layers"):
+        run_pipeline(lower(many), "shard{ep=65536}")
+    g = run_pipeline(lower(_tiny(num_layers=64, moe={"num_experts": 65536})), "shard{ep=65536}")
+    maps = {id(p.attr("shard")[0][4]) for _, _, p in g.params() if p.role is ParamRole.EXPERT}
+    assert len(maps) == 1  # the encoded map itself, not just equal copies
