@@ -28,6 +28,7 @@ from .fused_moe import moe_experts_ref, moe_experts_torch, moe_experts_triton
 from .router import route_ref, route_triton
 
 BACKENDS = ("auto", "ref", "torch", "triton", "cutlass")
+BLOCK = _fp8.BLOCK
 _override: str | None = None
 
 
@@ -176,19 +177,103 @@ def fp8_grouped_gemm(
     return _fp8.fp8_grouped_gemm_torch(a, a_s, w, w_s, offs, out_dtype)
 
 
-def fp8_linear(x: Tensor, weight: Tensor, weight_scale_inv: Tensor) -> Tensor:
-    """y = x @ dequant(weight).T with x quantised per 1 x 128 block on the fly; y in x's dtype."""
-    lead = x.shape[:-1]
-    a, a_s = quantize_act(x.reshape(-1, x.shape[-1]))
-    return fp8_gemm(a, a_s, weight, weight_scale_inv, x.dtype).reshape(*lead, weight.shape[0])
+def dequantize_fp8(
+    q: Tensor, scale: Tensor, *, recipe: str, segments: tuple[int, ...] | None = None, dtype: torch.dtype
+) -> Tensor:
+    """An FP8 weight q [..., R, C] with its scales (glmc.ir.quant's layout: `block128` scale
+    rows per 128-row block of each row segment, `channel` one per row) -> `dtype`."""
+    rows, cols = q.shape[-2], q.shape[-1]
+    segs = segments if segments is not None else (rows,)
+    if recipe == "block128":
+        s_rows, block = _fp8.expand_scale_rows(scale, segs, BLOCK), BLOCK
+    elif recipe == "channel":
+        s_rows, block = scale, cols
+    else:
+        raise ValueError(f"unknown FP8 recipe {recipe!r}")
+    return _fp8.dequantize_rows(q, s_rows, block).to(dtype)
+
+
+def _plain_blocks(segments: tuple[int, ...]) -> bool:
+    """Segment-wise block scales equal the plain 128 x 128 layout the Triton kernels read."""
+    return all(s % BLOCK == 0 for s in segments[:-1])
+
+
+def fp8_linear(
+    x: Tensor,
+    weight: Tensor,
+    weight_scale_inv: Tensor,
+    *,
+    recipe: str = "block128",
+    segments: tuple[int, ...] | None = None,
+) -> Tensor:
+    """y = x @ dequant(weight).T in x's dtype, weight [N, K] FP8 with its scales.
+
+    Triton backend (CUDA, or forced): x is quantised per 1 x 128 block on the fly and the GEMM
+    runs on FP8 operands, as the serving stacks do (block128 in the plain block layout).
+    Otherwise the weight is dequantised and x stays in its dtype (weight-only FP8), so the
+    result equals the model with dequant(quant(w)) weights. On CPU that is also the faster
+    choice: `torch._scaled_mm` there takes only tensor- or row-wise scales (block128 would need
+    one call per 128-wide K block), must quantise x too, and measured no faster than
+    dequantise + fp32 GEMM at [16, 1024] x [1024, 1024] (123 ms tensor-wise, 104 ms
+    row-wise vs 129 ms, on a loaded 2-core box).
+    """
+    segs = segments if segments is not None else (weight.shape[0],)
+    if recipe == "block128" and _fp8_fused(x.device) and _plain_blocks(segs):
+        lead = x.shape[:-1]
+        a, a_s = quantize_act(x.reshape(-1, x.shape[-1]))
+        return fp8_gemm(a, a_s, weight, weight_scale_inv, x.dtype).reshape(*lead, weight.shape[0])
+    w = dequantize_fp8(weight, weight_scale_inv, recipe=recipe, segments=segs, dtype=x.dtype)
+    return torch.nn.functional.linear(x, w)
+
+
+def fp8_moe_experts(
+    x: Tensor,
+    gate_up: Tensor,
+    gate_up_scale: Tensor,
+    down: Tensor,
+    down_scale: Tensor,
+    ids: Tensor,
+    weights: Tensor,
+    *,
+    recipe: str,
+) -> Tensor:
+    """`moe_experts` on FP8 stacked experts (gate_up [E, 2I, H] quantised per gate/up half of
+    each expert, down [E, H, I]) with their scales. Triton backend with 128-aligned halves:
+    tokens sorted by expert, activations quantised per 1 x 128 block, `fp8_grouped_gemm` for
+    both GEMMs. Otherwise the weights are dequantised to x's dtype and `moe_experts` runs
+    (weight-only FP8, as `fp8_linear`)."""
+    e, two_i, _ = gate_up.shape
+    half = two_i // 2
+    if recipe == "block128" and _fp8_fused(x.device) and half % BLOCK == 0:
+        from .moe_align import moe_align_torch
+
+        t, hidden = x.shape
+        top_k = ids.shape[1]
+        align = moe_align_torch(ids, e, block_m=1)
+        pair = align.sorted_ids.long()
+        token = pair // top_k
+        offs = align.offsets[1:].to(torch.int32)
+        a, a_s = quantize_act(x.index_select(0, token))
+        gu = fp8_grouped_gemm(a, a_s, gate_up, gate_up_scale, offs, x.dtype)
+        gate, up = gu.chunk(2, dim=-1)
+        h, h_s = quantize_act(torch.nn.functional.silu(gate) * up)
+        y = fp8_grouped_gemm(h, h_s, down, down_scale, offs, torch.float32)
+        y = y * weights.reshape(-1).index_select(0, pair).unsqueeze(1)
+        out = x.new_zeros(t, hidden, dtype=torch.float32)
+        return out.scatter_add(0, token.unsqueeze(1).expand(-1, hidden), y).to(x.dtype)
+    gu_w = dequantize_fp8(gate_up, gate_up_scale, recipe=recipe, segments=(half, half), dtype=x.dtype)
+    down_w = dequantize_fp8(down, down_scale, recipe=recipe, dtype=x.dtype)
+    return moe_experts(x, gu_w, down_w, ids, weights)
 
 
 __all__ = [
     "BACKENDS",
     "backend_for",
+    "dequantize_fp8",
     "fp8_gemm",
     "fp8_grouped_gemm",
     "fp8_linear",
+    "fp8_moe_experts",
     "moe_experts",
     "quantize_act",
     "quantize_weight",

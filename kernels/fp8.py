@@ -156,3 +156,41 @@ def fp8_grouped_gemm_fused(
 @fp8_grouped_gemm_fused.register_fake
 def _(a: Tensor, a_s: Tensor, w: Tensor, w_s: Tensor, offs: Tensor, out_dtype: torch.dtype) -> Tensor:
     return a.new_empty(a.shape[0], w.shape[1], dtype=out_dtype)
+
+
+# --- Weight-only dequantisation (the CPU FP8 path, and what graph exporters lower) ----------
+
+
+def expand_scale_rows(s: Tensor, segments: tuple[int, ...], block_rows: int) -> Tensor:
+    """Scales whose rows are the concatenation of each row segment's own scale rows
+    ([..., sum(ceil(seg / block_rows)), kb]) -> one scale row per weight row ([..., R, kb]).
+    A fused weight (q/k/v, gate/up, each expert's halves) is quantised segment by segment, so a
+    block never straddles two segments even where a segment is not 128-aligned."""
+    if block_rows == 1:
+        return s
+    parts, off = [], 0
+    for seg in segments:
+        nb = cdiv(seg, block_rows)
+        parts.append(s[..., off : off + nb, :].repeat_interleave(block_rows, dim=-2)[..., :seg, :])
+        off += nb
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+
+def _dequantize_rows(q: Tensor, s_rows: Tensor, block: int) -> Tensor:
+    c = q.shape[-1]
+    if c % block == 0:  # a broadcast multiply, no expanded scale tensor
+        return (q.float().unflatten(-1, (c // block, block)) * s_rows.float().unsqueeze(-1)).flatten(-2)
+    return q.float() * s_rows.float().repeat_interleave(block, dim=-1)[..., :c]
+
+
+@torch.library.custom_op("glmc::fp8_dequantize", mutates_args=())
+def dequantize_rows(q: Tensor, s_rows: Tensor, block: int) -> Tensor:
+    """fp8 q [..., R, C] x per-row block scales s_rows [..., R, ceil(C / block)] -> fp32.
+    One custom op (ONNX's blocked `DequantizeLinear` along the last axis, the form
+    export/onnx lowers it to); `block` = C gives one scale per row (the channel recipe)."""
+    return _dequantize_rows(q, s_rows, block)
+
+
+@dequantize_rows.register_fake
+def _(q: Tensor, s_rows: Tensor, block: int) -> Tensor:
+    return q.new_empty(q.shape, dtype=torch.float32)

@@ -17,8 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from glmc.ir import GlmcError, Graph, Node, Op
+from glmc.ir.quant import RECIPES, scale_param_name, scale_shape
+from glmc.kernels.dispatch import dequantize_fp8
 
-from .moe import moe_experts, route
+from .fp8 import FP8, FP8Linear, KeepDtypes, linear, quantize_param
+from .moe import fp8_moe_experts, moe_experts, route
 from .moe_static import moe_experts_static
 
 KV = tuple[Tensor, Tensor]  # one layer's cache: k, v [B, nkv, P, d]
@@ -67,22 +70,22 @@ def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Attention(nn.Module):
     def __init__(self, n: Node) -> None:
         super().__init__()
-        h, self.nh, self.nkv, self.d = (
-            n.attr("hidden"),
-            n.attr("num_heads"),
-            n.attr("num_kv_heads"),
-            n.attr("head_dim"),
-        )
+        self.nh, self.nkv, self.d = n.attr("num_heads"), n.attr("num_kv_heads"), n.attr("head_dim")
         self.rotary_dim, self.theta = n.attr("rotary_dim"), n.attr("rope_theta")
         if n.attr("rope_scaling", None) is not None:
             raise GlmcError(
                 f"{n.name}: rope_scaling {n.attr('rope_scaling')} is not supported by the torch target yet"
             )
         bias = n.attr("qkv_bias")
-        self.q_proj = nn.Linear(h, self.nh * self.d, bias=bias)
-        self.k_proj = nn.Linear(h, self.nkv * self.d, bias=bias)
-        self.v_proj = nn.Linear(h, self.nkv * self.d, bias=bias)
-        self.o_proj = nn.Linear(self.nh * self.d, h, bias=False)
+        # fuse-moe joins q/k/v into one qkv_proj (rows q, k, v); either may be FP8.
+        self.fused = n.has_param("qkv_proj.weight")
+        if self.fused:
+            self.qkv_proj = linear(n.param("qkv_proj.weight"), bias)
+        else:
+            self.q_proj = linear(n.param("q_proj.weight"), bias)
+            self.k_proj = linear(n.param("k_proj.weight"), bias)
+            self.v_proj = linear(n.param("v_proj.weight"), bias)
+        self.o_proj = linear(n.param("o_proj.weight"), False)
         self.scale = 1.0 / math.sqrt(self.d)
         self.qk_norm = n.attr("qk_norm")
         if self.qk_norm:
@@ -92,9 +95,13 @@ class Attention(nn.Module):
     def _qkv(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, nh, S, d], k and v [B, nkv, S, d], RoPE applied."""
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.nh, self.d)
-        k = self.k_proj(x).view(B, S, self.nkv, self.d)
-        v = self.v_proj(x).view(B, S, self.nkv, self.d)
+        if self.fused:
+            qkv = self.qkv_proj(x).split([self.nh * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
+            q, k, v = (t.reshape(B, S, -1, self.d) for t in qkv)
+        else:
+            q = self.q_proj(x).view(B, S, self.nh, self.d)
+            k = self.k_proj(x).view(B, S, self.nkv, self.d)
+            v = self.v_proj(x).view(B, S, self.nkv, self.d)
         if self.qk_norm:  # per head, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -121,23 +128,30 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate x) * up x)."""
+    """SwiGLU: down(silu(gate x) * up x). `prefix` names the parameters inside a fused MoE node
+    (`shared_experts.`); after fuse-moe gate and up are one gate_up_proj (gate rows first)."""
 
-    def __init__(self, n: Node) -> None:
+    def __init__(self, n: Node, prefix: str = "") -> None:
         super().__init__()
-        h, i = n.attr("hidden"), n.attr("intermediate_size")
-        self.gate_proj = nn.Linear(h, i, bias=False)
-        self.up_proj = nn.Linear(h, i, bias=False)
-        self.down_proj = nn.Linear(i, h, bias=False)
+        self.fused = n.has_param(prefix + "gate_up_proj.weight")
+        if self.fused:
+            self.gate_up_proj = linear(n.param(prefix + "gate_up_proj.weight"), False)
+        else:
+            self.gate_proj = linear(n.param(prefix + "gate_proj.weight"), False)
+            self.up_proj = linear(n.param(prefix + "up_proj.weight"), False)
+        self.down_proj = linear(n.param(prefix + "down_proj.weight"), False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Router(nn.Module):
     """Sigmoid scores; the correction bias steers selection only; weights renormalised, scaled."""
 
-    def __init__(self, n: Node) -> None:
+    def __init__(self, n: Node, prefix: str = "") -> None:
         super().__init__()
         e = n.attr("num_experts")
         self.top_k, self.n_group, self.topk_group = n.attr("top_k"), n.attr("n_group"), n.attr("topk_group")
@@ -145,7 +159,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(e, n.attr("hidden")))
         # A buffer, not a parameter: loss-free balancing updates it outside the optimizer. Always fp32.
         self.e_score_correction_bias: Tensor | None
-        if n.has_param("e_score_correction_bias"):
+        if n.has_param(prefix + "e_score_correction_bias"):
             self.register_buffer("e_score_correction_bias", torch.zeros(e, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
@@ -189,18 +203,54 @@ class Router(nn.Module):
         return out
 
 
-class Experts(nn.Module):
-    """Routed experts on stacked weights: gate_up [E, 2I, H] (gate rows first), down [E, H, I]."""
+class Experts(KeepDtypes):
+    """Routed experts on stacked weights: gate_up [E, 2I, H] (gate rows first), down [E, H, I].
+    FP8 (after quantize-fp8): both are E4M3 buffers, each with its scales beside it
+    (`gate_up_proj_scale_inv` [E, 2 ceil(I/128), ceil(H/128)] for block128: gate and up halves
+    quantised separately)."""
 
-    def __init__(self, n: Node) -> None:
+    def __init__(self, n: Node, prefix: str = "") -> None:
         super().__init__()
-        e, h, i = n.attr("num_experts"), n.attr("hidden"), n.attr("intermediate_size")
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
-        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        gu, dn = n.param(prefix + "gate_up_proj"), n.param(prefix + "down_proj")
+        self.recipe: str | None = gu.attr("quant", None)
+        if (dn.attr("quant", None)) != self.recipe:
+            raise GlmcError(f"{n.name}: gate_up_proj and down_proj must share an FP8 recipe")
+        self.gate_up_proj: Tensor
+        self.down_proj: Tensor
+        if self.recipe is None:
+            self.gate_up_proj = nn.Parameter(torch.empty(gu.shape))
+            self.down_proj = nn.Parameter(torch.empty(dn.shape))
+        else:
+            self.gate_up_scale = scale_param_name("gate_up_proj", self.recipe)
+            self.down_scale = scale_param_name("down_proj", self.recipe)
+            self.register_buffer("gate_up_proj", torch.empty(gu.shape, dtype=FP8))
+            self.register_buffer(self.gate_up_scale, torch.empty(scale_shape(gu, self.recipe)))
+            self.register_buffer("down_proj", torch.empty(dn.shape, dtype=FP8))
+            self.register_buffer(self.down_scale, torch.empty(scale_shape(dn, self.recipe)))
         # Graph exporters flip this (moe_static.static_moe) for shapes that do not depend on routing.
         self.static_shapes = False
 
+    def dequantized(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The FP8 expert weights in `dtype` (gate_up, down)."""
+        assert self.recipe is not None
+        half = self.gate_up_proj.shape[1] // 2
+        gu = self._buffers[self.gate_up_scale]
+        dn = self._buffers[self.down_scale]
+        assert gu is not None and dn is not None
+        return (
+            dequantize_fp8(self.gate_up_proj, gu, recipe=self.recipe, segments=(half, half), dtype=dtype),
+            dequantize_fp8(self.down_proj, dn, recipe=self.recipe, dtype=dtype),
+        )
+
     def forward(self, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+        if self.recipe is not None:
+            if self.static_shapes:  # graph exporters: dequantise in the graph, then gather
+                return moe_experts_static(x, *self.dequantized(x.dtype), ids, weights)
+            gu, dn = self._buffers[self.gate_up_scale], self._buffers[self.down_scale]
+            assert gu is not None and dn is not None
+            return fp8_moe_experts(
+                x, self.gate_up_proj, gu, self.down_proj, dn, ids, weights, recipe=self.recipe
+            )
         if self.static_shapes:
             return moe_experts_static(x, self.gate_up_proj, self.down_proj, ids, weights)
         return moe_experts(x, self.gate_up_proj, self.down_proj, ids, weights)
@@ -211,6 +261,14 @@ class MoE(nn.Module):
 
     def __init__(self, g: Graph, name: str) -> None:
         super().__init__()
+        self.shared_experts: MLP | None
+        if g.has_node(name) and g.node(name).op is Op.MOE:  # fuse-moe: one node, prefixed params
+            n = g.node(name)
+            self.gate = Router(n, "gate.")
+            self.experts = Experts(n, "experts.")
+            has_shared = n.has_param("shared_experts.down_proj.weight")
+            self.shared_experts = MLP(n, "shared_experts.") if has_shared else None
+            return
         self.gate = Router(g.node(f"{name}.gate"))
         self.experts = Experts(g.node(f"{name}.experts"))
         shared = f"{name}.shared_experts"
@@ -267,8 +325,7 @@ class MTPLayer(DecoderLayer):
         super().__init__(g, name)
         self.enorm = _norm(g.node(f"{name}.enorm"))
         self.hnorm = _norm(g.node(f"{name}.hnorm"))
-        eh = g.node(f"{name}.eh_proj")
-        self.eh_proj = nn.Linear(eh.attr("in_features"), eh.attr("out_features"), bias=False)
+        self.eh_proj = linear(g.node(f"{name}.eh_proj").param("weight"), False)
         self.shared_head = SharedHead(g, f"{name}.shared_head")
 
     def fuse(self, emb: Tensor, h: Tensor) -> Tensor:
@@ -380,9 +437,9 @@ class GLMForCausalLM(nn.Module):
         """Zero-length caches for the trunk layers (or, with mtp=True, the MTP layers)."""
         layers = self.model.mtp if mtp else self.model.layers
         out = []
+        w = self.model.embed_tokens.weight  # the activations' dtype and device (never FP8)
         for layer in layers:
             att = cast(DecoderLayer, layer).self_attn
-            w = att.k_proj.weight
             empty = w.new_zeros(batch, att.nkv, 0, att.d)
             out.append((empty, empty.clone()))
         return out
@@ -425,8 +482,28 @@ class GLMForCausalLM(nn.Module):
                 p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype) * std)
-        for _, buf in self.named_buffers():
-            buf.zero_()
+        for m in self.modules():
+            if isinstance(m, Router):
+                for b in m.buffers():
+                    b.zero_()
+            # FP8 weights: quantised from the same normal(0, std) draw.
+            if isinstance(m, FP8Linear):
+                q8, s8 = quantize_param(
+                    torch.randn(m.weight.shape, generator=generator) * std, m.recipe, m.segments
+                )
+                m.weight.copy_(q8)
+                m.scale.copy_(s8)
+            elif isinstance(m, Experts) and m.recipe is not None:
+                half = m.gate_up_proj.shape[1] // 2
+                for key, scale_key, segs in (
+                    ("gate_up_proj", m.gate_up_scale, (half, half)),
+                    ("down_proj", m.down_scale, (m.down_proj.shape[1],)),
+                ):
+                    w8, ws = m._buffers[key], m._buffers[scale_key]
+                    assert w8 is not None and ws is not None
+                    q8, s8 = quantize_param(torch.randn(w8.shape, generator=generator) * std, m.recipe, segs)
+                    w8.copy_(q8)
+                    ws.copy_(s8)
 
 
 def attention_bias_mask(past_len: int, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -444,8 +521,9 @@ def _norm(n: Node) -> RMSNorm:
     return RMSNorm(n.attr("dim"), n.attr("eps"))
 
 
-_SUPPORTED = {Op.INPUT, Op.EMBED, Op.RMSNORM, Op.ATTENTION, Op.MLP, Op.ROUTER, Op.EXPERTS, Op.ADD, Op.CONCAT,
-              Op.LINEAR, Op.LM_HEAD, Op.OUTPUT}  # fmt: skip
+_SUPPORTED = {Op.INPUT, Op.EMBED, Op.RMSNORM, Op.ATTENTION, Op.MLP, Op.ROUTER, Op.EXPERTS, Op.MOE, Op.ADD,
+              Op.CONCAT, Op.LINEAR, Op.LM_HEAD, Op.OUTPUT}  # fmt: skip
+_FP8_HOLDERS = {Op.ATTENTION, Op.MLP, Op.EXPERTS, Op.MOE, Op.LINEAR}
 
 
 def _check_supported(g: Graph) -> None:
@@ -453,10 +531,10 @@ def _check_supported(g: Graph) -> None:
         if n.op not in _SUPPORTED:
             raise GlmcError(f"the torch target cannot emit op {n.op} (node {n.name})")
         for p in n.params:
-            if p.dtype.is_float8:
+            if p.dtype.is_float8 and (n.op not in _FP8_HOLDERS or p.attr("quant", None) not in RECIPES):
                 raise GlmcError(
-                    f"the torch target holds weights in bf16/fp32; {n.name}.{p.name} is {p.dtype}: "
-                    "dequantize FP8 checkpoints when loading (glmc.from_pretrained does)"
+                    f"the torch target cannot hold {n.name}.{p.name} as {p.dtype} "
+                    f"(quant={p.attr('quant', None)}): FP8 GEMM weights of quantize-fp8 only"
                 )
 
 

@@ -2,6 +2,6 @@
 which picks the backend: fused Triton (or CUTLASS) kernels on CUDA, the compiled-torch path
 (counting-sort align + grouped GEMM) on CPU; `GLMC_KERNELS` / `use_kernels` force one."""
 
-from glmc.kernels.dispatch import moe_experts, route
+from glmc.kernels.dispatch import fp8_moe_experts, moe_experts, route
 
-__all__ = ["moe_experts", "route"]
+__all__ = ["fp8_moe_experts", "moe_experts", "route"]
