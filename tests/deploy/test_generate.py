@@ -38,15 +38,19 @@ def test_torch_speculative_greedy_equals_plain_greedy(reference, k):
     plain, s0 = generate(backend, PROMPT, 20)
     spec, s1 = generate(backend, PROMPT, 20, draft_tokens=k)
     assert plain == want and spec == want
-    assert s0.mean_acceptance_length == 1.0 and 1.0 <= s1.mean_acceptance_length <= k + 1
-    assert s1.rounds <= s0.rounds
+    # prefill commits the first token, every decode round at least one
+    assert s0.accepted_per_round == [1] * 19 and s0.rounds == 19
+    assert sum(s1.accepted_per_round) == 19 and s1.rounds == len(s1.accepted_per_round)
+    assert all(1 <= a <= k + 1 for a in s1.accepted_per_round)
 
 
-def test_speculation_accepts_drafts_when_mtp_agrees(make_tiny):
-    """An MTP layer that copies the trunk's next-token choice makes drafts acceptable: with a
-    model whose next token is a fixed function of the current one (zero attention/MLP, the
-    head reading the embedding), both agree and every draft is accepted."""
+def _markov_model(make_tiny, mtp_noise: float):
+    """A model whose next token is a fixed function f of the current one (attention and MLPs
+    zeroed, the head reading the embedding), and whose MTP layer drafts g(x) from the token
+    alone (eh_proj passes the embedding half through, plus noise: g = f where the noise is
+    small). Returns the model, f and g as lookup tables over the vocabulary."""
     m = make_tiny()
+    g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "norm" in n:
@@ -55,13 +59,57 @@ def test_speculation_accepts_drafts_when_mtp_agrees(make_tiny):
                 continue
             p.zero_()
         h = m.model.embed_tokens.weight.shape[1]
-        # eh_proj passes the embedding half through: MTP(h_t, x_{t+1}) ~ trunk(x_{t+1}).
-        m.model.mtp[0].eh_proj.weight.copy_(torch.cat([torch.eye(h), torch.zeros(h, h)], 1))
+        noise = mtp_noise * torch.randn(h, h, generator=g)
+        m.model.mtp[0].eh_proj.weight.copy_(torch.cat([torch.eye(h) + noise, torch.zeros(h, h)], 1))
+        vocab = m.spec.vocab_size
+        # Row x = [0, x]: the trunk's logits at position 1 give f(x), the MTP's at position 0 g(x).
+        ids = torch.stack([torch.zeros(vocab, dtype=torch.int64), torch.arange(vocab)], 1)
+        logits, (mtp,) = m.forward_with_mtp(ids)
+    return m, logits[:, 1].argmax(-1).tolist(), mtp[:, 0].argmax(-1).tolist()
+
+
+def _expected_rounds(f: list[int], g: list[int], first: int, n_new: int, k: int) -> list[int]:
+    """Tokens committed per round by greedy speculation with k chained drafts, from the lookup
+    tables alone: drafts d1 = g(last), d(j+1) = g(dj), accepted while each equals the trunk's
+    choice f(previous); then the trunk's own next token. Rounds never overshoot n_new."""
+    rounds, last, done = [], first, 1  # prefill committed the first new token
+    while done < n_new:
+        kk = min(k, n_new - done - 1)
+        accepted, prev, d = 0, last, g[last]
+        while accepted < kk and d == f[prev]:
+            accepted, prev, d = accepted + 1, d, g[d]
+        rounds.append(accepted + 1)
+        for _ in range(accepted + 1):
+            last = f[last]
+        done += accepted + 1
+    return rounds
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_speculation_commits_exactly_the_drafts_the_trunk_agrees_with(make_tiny, k):
+    """Per-round acceptance equals what the lookup tables predict (an independent simulation of
+    the speculation rule), on a model whose MTP agrees with the trunk for part of the vocabulary
+    only, so rounds both accept and reject."""
+    m, f, g = _markov_model(make_tiny, mtp_noise=0.02)  # g = f on 76% of the vocabulary
+    agree = sum(a == b for a, b in zip(f, g, strict=True)) / len(f)
+    assert 0.2 < agree < 0.9, agree  # both outcomes occur
+    backend = TorchBackend(m, m.spec)
+    plain, _ = generate(backend, PROMPT, 40)
+    spec, stats = generate(backend, PROMPT, 40, draft_tokens=k)
+    assert spec == plain
+    assert stats.accepted_per_round == _expected_rounds(f, g, plain[0], 40, k)
+    assert 1 in stats.accepted_per_round and max(stats.accepted_per_round) > 1
+
+
+def test_speculation_accepts_every_draft_when_mtp_agrees(make_tiny):
+    """With g = f every draft is accepted: k + 1 tokens per round until the budget's end."""
+    m, f, g = _markov_model(make_tiny, mtp_noise=0.0)
+    assert f == g
     backend = TorchBackend(m, m.spec)
     plain, _ = generate(backend, PROMPT, 24)
     spec, stats = generate(backend, PROMPT, 24, draft_tokens=3)
     assert spec == plain
-    assert stats.mean_acceptance_length > 3.0  # 4 tokens per trunk forward (the last round is shorter)
+    assert stats.accepted_per_round == [4] * 5 + [3]  # 1 (prefill) + 5 x 4 + 3 = 24
 
 
 @pytest.mark.slow
