@@ -3,6 +3,11 @@
 fp32 only: ONNX Runtime's CPU provider lacks bf16 kernels for ops this graph needs (Expand),
 so bf16 weights are upcast before export. The MoE runs on the static-shape path
 (`moe_static`): the grouped-GEMM path has no ONNX lowering.
+
+FP8 models (quantize-fp8) keep their weights FP8 in the file: each is a FLOAT8E4M3FN
+initializer read through `DequantizeLinear` (opset 21, blocked along the input dim with
+`block_size` 128 for block128, one block per row for channel), which ONNX Runtime 1.32's CPU
+provider runs; the graph then computes in fp32 as the torch model does on CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from ..torch.model import GLMForCausalLM
 from ..torch.moe_static import static_moe
 
 OPSET = 20
+OPSET_FP8 = 21  # DequantizeLinear with FLOAT8E4M3FN input and block_size
 DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids")
 MTP_INPUTS = ("input_ids", "hidden_states", "attention_mask", "position_ids")
 
@@ -46,12 +52,14 @@ def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], dyn: tuple[
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration.level
     registration.setLevel(logging.ERROR)
+    fp8 = any(b.dtype == torch.float8_e4m3fn for b in module.buffers())
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module, args, dynamic_shapes=dyn, input_names=inputs, output_names=outputs,
-                dynamo=True, opset_version=OPSET, verbose=False,
+                dynamo=True, opset_version=OPSET_FP8 if fp8 else OPSET, verbose=False,
+                custom_translation_table=_fp8_translations() if fp8 else None,
             )  # fmt: skip
     except Exception as e:  # the exporter's own errors are long; keep the first line and the op
         raise GlmcError(f"ONNX export of {path.name} failed: {str(e).splitlines()[0]}") from e
@@ -60,6 +68,16 @@ def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], dyn: tuple[
     assert program is not None
     # external_data=None: weights move to a `.data` file only past protobuf's 2 GiB limit.
     program.save(str(path))
+
+
+def _fp8_translations() -> dict[object, object]:
+    """glmc::fp8_dequantize (per-row block scales along the last dim) -> DequantizeLinear."""
+    from onnxscript import opset21 as op
+
+    def fp8_dequantize(q: object, s_rows: object, block: int) -> object:
+        return op.DequantizeLinear(q, s_rows, axis=-1, block_size=block)
+
+    return {torch.ops.glmc.fp8_dequantize.default: fp8_dequantize}
 
 
 def export_decoder(model: GLMForCausalLM, path: Path, max_len: int) -> None:
