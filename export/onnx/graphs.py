@@ -16,7 +16,9 @@ import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -70,11 +72,11 @@ def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], dyn: tuple[
     program.save(str(path))
 
 
-def _fp8_translations() -> dict[object, object]:
+def _fp8_translations() -> dict[Callable[..., Any], Callable[..., Any]]:
     """glmc::fp8_dequantize (per-row block scales along the last dim) -> DequantizeLinear."""
     from onnxscript import opset21 as op
 
-    def fp8_dequantize(q: object, s_rows: object, block: int) -> object:
+    def fp8_dequantize(q: Any, s_rows: Any, block: int) -> Any:
         return op.DequantizeLinear(q, s_rows, axis=-1, block_size=block)
 
     return {torch.ops.glmc.fp8_dequantize.default: fp8_dequantize}
