@@ -4,6 +4,10 @@ Same config, same weights (glmc writes a checkpoint, transformers loads it), sam
 forward and forward+backward (cross-entropy loss) for glmc eager, glmc compiled
 (`torch.compile(fullgraph=True)`) and transformers eager, and prints the ratios.
 
+A second table sets glmc's FP8 torch model (the `fuse-moe,quantize-fp8` graph, weights
+quantised from the same fp32 ones) beside the fp32 and bf16 models: eager forward time and the
+bytes the model holds (parameters and buffers).
+
     python bench/forward.py [--preset glm-small] [--batch 4] [--seq 256] [--repeats 10]
 """
 
@@ -21,6 +25,11 @@ import torch.nn.functional as F
 from _peer import glmc_and_transformers  # bench/ is the script's folder
 
 import glmc
+from glmc.export.torch import build_model, passed_state
+from glmc.lower import lower
+from glmc.pipeline import run_pipeline
+
+FP8_PIPELINE = "fuse-moe,quantize-fp8"
 
 
 def timeit(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
@@ -103,6 +112,42 @@ def main() -> None:
             f"| {label} | {t_hf * 1e3:.1f} | {t_eager * 1e3:.1f} | {t_comp * 1e3:.1f} | "
             f"{t_hf / t_eager:.2f}x | {t_hf / t_comp:.2f}x | {tokens / t_comp:,.0f} |"
         )
+    rows8 = fp8_rows(spec, ours, ids, args.repeats)
+    t32, b32 = rows8[0][1], rows8[0][2]
+    print()
+    print("| glmc eager forward | ms | vs fp32 | MB held | vs fp32 | max abs logit diff vs fp32 |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, t, held, diff in rows8:
+        print(
+            f"| {label} | {t * 1e3:.1f} | {t / t32:.2f}x | {held / 1e6:.1f} | {held / b32:.2f}x | {diff:.2e} |"
+        )
+
+
+def fp8_rows(
+    spec: glmc.ModelSpec, ours: torch.nn.Module, ids: torch.Tensor, repeats: int
+) -> list[tuple[str, float, int, float]]:
+    """(model, eager forward s, bytes held, max |logit diff| vs fp32) for fp32, bf16 and FP8."""
+    plain = lower(spec, dtype="f32")
+    g = run_pipeline(plain, FP8_PIPELINE)
+    state = ours.state_dict()
+    bf16 = build_model(plain, dtype=torch.bfloat16)
+    bf16.load_state_dict(state)
+    fp8 = build_model(g)
+    fp8.load_state_dict(passed_state(g, state))
+    with torch.no_grad():
+        want = ours(ids)
+    rows = []
+    for label, m in (("fp32", ours), ("bf16", bf16.eval()), (f"FP8 ({FP8_PIPELINE})", fp8.eval())):
+        held = sum(t.numel() * t.element_size() for t in m.state_dict().values())
+        with torch.no_grad():
+            diff = (m(ids).float() - want).abs().max().item()
+
+            def run(m: torch.nn.Module = m) -> object:
+                with torch.no_grad():
+                    return m(ids)
+
+        rows.append((label, timeit(run, repeats), held, diff))
+    return rows
 
 
 if __name__ == "__main__":
