@@ -31,8 +31,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step: each rank's batch is cut into this many
     # schedule and optimiser
     steps: int = 100
-    lr: float = 3e-3  # peak AdamW learning rate (embeddings, head, norms, biases)
-    muon_lr: float = 2e-2  # peak Muon learning rate (hidden matrices incl. experts)
+    # Peak learning rate of both optimisers: Muon scales its update to AdamW's RMS
+    # (adjust_lr_fn="match_rms_adamw", the Moonlight rule), so one rate serves both.
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of the peak (GLM-4.5: 2.5e-5 / 2.5e-4)
     warmup_steps: int = 10
     weight_decay: float = 0.1
@@ -76,7 +77,6 @@ class TrainConfig:
             _integer(self.steps, "steps (--steps)", 1),
             _integer(self.warmup_steps, "warmup_steps (--warmup-steps)", 0),
             _number(self.lr, "lr (--lr)", 0.0, low_open=True),
-            _number(self.muon_lr, "muon_lr", 0.0, low_open=True),
             _number(self.min_lr_ratio, "min_lr_ratio (--min-lr-ratio)", 0.0, 1.0),
             _number(self.weight_decay, "weight_decay (--weight-decay)", 0.0),
             _betas(self.betas),
