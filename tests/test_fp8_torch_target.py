@@ -196,3 +196,17 @@ def test_greedy_decode_runs_the_fp8_model() -> None:
     assert len(tokens) == 6 and spec_tokens == tokens  # MTP speculation accepts or corrects: same text
     with torch.no_grad():  # the first token is the FP8 model's argmax over the prompt
         assert tokens[0] == int(model(torch.tensor([prompt]))[0, -1].argmax())
+
+
+@pytest.mark.parametrize("pipeline", ["fuse-moe,quantize-fp8{serving=false}", "quantize-fp8{recipe=channel}"])
+def test_state_dict_follows_the_passed_graph(pipeline: str) -> None:
+    """Every tensor the model holds is an IR parameter of the same shape, FP8 exactly where the
+    graph says; the IR parameters it lacks are the tied MTP copies a checkpoint alone stores."""
+    g = run_pipeline(lower(presets.get("glm-tiny"), dtype="f32"), pipeline)
+    held = build_model(g, device="meta").state_dict()
+    params = {fqn: p for fqn, _, p in g.params()}
+    assert set(held) <= set(params)
+    assert all(params[k].tied_to is not None for k in set(params) - set(held))
+    for k, t in held.items():
+        assert tuple(t.shape) == params[k].shape, k
+        assert (t.dtype == FP8) == params[k].dtype.is_float8, k
