@@ -119,6 +119,12 @@ def test_fp8_model_keeps_dtypes_through_to_and_runs_in_bf16() -> None:
     with torch.no_grad():
         out = model.eval()(ids)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    # Casting the whole model round trip leaves FP8 weights and fp32 scales bit for bit.
+    before = {k: v.clone() for k, v in model.state_dict().items() if v.dtype in (FP8, torch.float32)}
+    model.to(torch.float16).to(torch.float32)
+    after = model.state_dict()
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k].view(torch.uint8), v.view(torch.uint8)), k
 
 
 def test_init_weights_quantises_a_random_draw() -> None:

@@ -29,16 +29,21 @@ FP8 = torch.float8_e4m3fn
 
 
 class KeepDtypes(nn.Module):
-    """`model.to(dtype)` moves FP8 weights and fp32 scales but keeps their dtypes (casting
-    them would undo the quantisation, or round the scales)."""
+    """`model.to(dtype)` (and `.half()`, `.cuda()`, ...) moves this module's buffers, FP8
+    weights and fp32 scales, to the new device but never casts them: a cast would undo the
+    quantisation or round the scales (fp32 -> bf16 -> fp32 is not the identity)."""
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
-        dtypes = {k: b.dtype for k, b in self._buffers.items() if b is not None}
-        out = super()._apply(fn, recurse)
-        for k, dt in dtypes.items():
-            b = self._buffers[k]
-            if b is not None and b.dtype != dt:
-                self._buffers[k] = b.to(dt)
+        held = {k: b for k, b in self._buffers.items() if b is not None}
+        for k in held:
+            self._buffers[k] = None
+        try:
+            out = super()._apply(fn, recurse)
+        finally:
+            for k, b in held.items():
+                # `fn` on an empty view says where the tensor goes, without converting its values.
+                where = fn(b.reshape(-1)[:0]).device
+                self._buffers[k] = b.to(device=where)
         return out
 
 

@@ -148,8 +148,10 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Router(nn.Module):
-    """Sigmoid scores; the correction bias steers selection only; weights renormalised, scaled."""
+class Router(KeepDtypes):
+    """Sigmoid scores; the correction bias steers selection only; weights renormalised, scaled.
+    The correction bias and the counts stay fp32 through model.to(dtype), as every runtime
+    keeps them (never rounded through the model dtype either)."""
 
     def __init__(self, n: Node, prefix: str = "") -> None:
         super().__init__()
@@ -193,14 +195,6 @@ class Router(nn.Module):
         """Unbiased sigmoid scores [T, E] in fp32 (for the sequence-level balance loss)."""
         with torch.autocast(x.device.type, enabled=False):  # fp32 even under bf16 autocast
             return F.linear(x.float(), self.weight.float()).sigmoid()
-
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
-        # Keep the correction bias and the counts in fp32 through model.to(dtype), as every runtime does.
-        out = super()._apply(fn, recurse)
-        if self.e_score_correction_bias is not None:
-            self.e_score_correction_bias = self.e_score_correction_bias.to(torch.float32)
-        self.tokens_per_expert = self.tokens_per_expert.to(torch.float32)
-        return out
 
 
 class Experts(KeepDtypes):
