@@ -216,3 +216,31 @@ def test_state_dict_follows_the_passed_graph(pipeline: str) -> None:
     for k, t in held.items():
         assert tuple(t.shape) == params[k].shape, k
         assert (t.dtype == FP8) == params[k].dtype.is_float8, k
+
+
+@pytest.mark.parametrize("pipeline", ["quantize-fp8", "fuse-moe,quantize-fp8{recipe=channel}"])
+def test_fp8_checkpoint_loads_into_the_fp8_model_without_dequantising(tmp_path: Path, pipeline: str) -> None:
+    """The folder `glmc convert` writes (Hugging Face or fused names) gives back, tensor for
+    tensor, the FP8 state `passed_state` makes from the same weights."""
+    from safetensors.torch import load_file
+
+    from glmc.export.torch.fp8 import checkpoint_state
+
+    spec = ModelSpec.from_dict(WIDE)
+    plain_model = glmc.api.build_torch(spec, dtype=torch.float32, seed=5)
+    glmc.save_pretrained(plain_model, tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "q", pipeline)
+    stored = {
+        k: v for f in sorted((tmp_path / "q").glob("*.safetensors")) for k, v in load_file(str(f)).items()
+    }
+    g = run_pipeline(lower(spec, dtype="f32"), pipeline)
+    got = checkpoint_state(g, stored.__getitem__)
+    want = passed_state(g, plain_model.state_dict())
+    assert sorted(got) == sorted(want)
+    for k, w in want.items():
+        if w.dtype == FP8 or k.endswith(("_scale_inv", "_scale")):
+            assert got[k].dtype == w.dtype and torch.equal(got[k].view(torch.uint8), w.view(torch.uint8)), k
+    model = build_model(g)
+    model.load_state_dict(got, strict=True)
+    with pytest.raises(GlmcError, match="not in the checkpoint"):
+        checkpoint_state(g, {k: v for k, v in stored.items() if "layers.0.self_attn" not in k}.__getitem__)

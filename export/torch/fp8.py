@@ -147,3 +147,56 @@ def passed_state(graph: Graph, state: dict[str, Tensor]) -> dict[str, Tensor]:
         known.update(f"{node.name}.{c}" for c in p.attr("fused", None) or ())
     out.update({k: v for k, v in state.items() if k not in known})
     return out
+
+
+def checkpoint_state(graph: Graph, read: Callable[[str], Tensor]) -> dict[str, Tensor]:
+    """The state of `build_model(graph)` from a checkpoint glmc wrote for `graph` (export/hf's
+    layout: fused or Hugging Face names, FP8 with scales), without dequantising: `read(name)`
+    returns a stored tensor. Per-expert tensors are stacked and fused components concatenated,
+    scales alongside; the checkpoint-only MTP copies are not read. Raises GlmcError naming a
+    tensor `read` lacks (KeyError from `read`)."""
+    from ..hf import plan_checkpoint
+
+    layout = iter(plan_checkpoint(graph))
+    out: dict[str, Tensor] = {}
+
+    def get(name: str) -> Tensor:
+        try:
+            return read(name)
+        except KeyError:
+            raise GlmcError(f"{name}: not in the checkpoint") from None
+
+    for fqn, node, p in graph.params():
+        if p.role is ParamRole.SCALE or not p.attr("checkpoint", True):
+            continue
+        # plan_checkpoint lists, in graph order, one stored tensor per parameter (fused layout)
+        # or one per Hugging Face tensor: per expert and gate/up half, per q/k/v component.
+        if graph.attr("weight_layout", None) == "fused":
+            count = 1
+        elif p.role is ParamRole.EXPERT:
+            count = p.shape[0] * len(row_segments(p))
+        else:
+            count = len(p.attr("fused", None) or (None,))
+        stored = [next(layout) for _ in range(count)]
+        if p.tied_to is not None:
+            continue  # a checkpoint-only copy: the model reads its owner
+        recipe = p.attr("quant", None)
+        names = [t.name for t in stored]
+        parts = [get(n) for n in names]
+        scales = [get(t.scale_name) for t in stored if t.scale_name is not None]
+        if p.role is ParamRole.EXPERT and count > 1:
+            per = count // p.shape[0]
+
+            def stack(ts: list[Tensor], per: int = per) -> Tensor:
+                return torch.stack([torch.cat(ts[i : i + per]) for i in range(0, len(ts), per)])
+
+            out[fqn] = stack(parts)
+            if scales:
+                out[f"{node.name}.{scale_param_name(p.name, recipe)}"] = stack(scales)
+            continue
+        out[fqn] = parts[0] if count == 1 else torch.cat(parts)
+        if scales:
+            out[f"{node.name}.{scale_param_name(p.name, recipe)}"] = (
+                scales[0] if count == 1 else torch.cat(scales)
+            )
+    return out
