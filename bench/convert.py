@@ -46,12 +46,12 @@ def spec(layers: int) -> ModelSpec:
 
 def write_synthetic(layers: int, out: Path) -> int:
     """A random bf16 checkpoint in the Hugging Face layout, 1 GB shards; returns its bytes."""
-    from glmc.convert import write_config
     from glmc.export.hf import Planned, StreamingWriter, hf_tensors
-    from glmc.lower import lower
+    from glmc.export.hf.target import write_config
+    from glmc.pipeline import compile_graph
 
     s = spec(layers)
-    graph = lower(s)
+    graph = compile_graph(s)
     plan = [Planned(t.name, t.shape, t.safetensors_dtype) for t in hf_tensors(graph)]
     writer = StreamingWriter(out, plan, max_shard_bytes=10**9)
     gen = torch.Generator().manual_seed(0)
@@ -59,7 +59,7 @@ def write_synthetic(layers: int, out: Path) -> int:
         dt = torch.float32 if p.dtype == "F32" else torch.bfloat16
         writer.write(p.name, torch.empty(p.shape, dtype=dt).uniform_(-0.05, 0.05, generator=gen))
     writer.finish()
-    write_config(s, graph, out)
+    write_config(s.to_hf_config(), graph, out)
     return sum(p.nbytes for p in plan)
 
 

@@ -9,11 +9,10 @@ from typing import TYPE_CHECKING, Any
 from glmc import presets
 from glmc.errors import CheckpointError, GlmcError, SpecError
 from glmc.spec import ModelSpec
+from glmc.version import __version__ as __version__
 
 if TYPE_CHECKING:
     from glmc.api import build, from_pretrained, inspect, save_pretrained
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",

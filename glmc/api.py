@@ -3,62 +3,48 @@
 from __future__ import annotations
 
 import json
-import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from glmc import presets
-from glmc.errors import CheckpointError, GlmcError, SpecError
-from glmc.ir import Graph, TrainingAssumptions, format_graph, per_rank_memory, summary
-from glmc.lower import lower
+from glmc.errors import CheckpointError, GlmcError
+from glmc.export import GLMC_SPEC_FILE, Meta, Target, Weights
+from glmc.export import get as get_target
+from glmc.export import names as target_names
+from glmc.ir import DType, Graph, TrainingAssumptions, format_graph, per_rank_memory, summary
 from glmc.outdir import atomic_folder, check_output_folder
+from glmc.pipeline import compile_graph, run_pipeline
+from glmc.resolve import resolve_spec, trunk_only_without_mtp, weight_dtype
 from glmc.resources import check_model
 from glmc.spec import ModelSpec
+from glmc.version import __version__
 
-GLMC_SPEC_FILE = "glmc_spec.json"  # marks a folder written by glmc; holds the ModelSpec
-TARGETS = ("torch", "hf", "trtllm", "onnx", "aoti", "torch-trt")
+__all__ = [
+    "DEFAULT_TARGETS",
+    "GLMC_SPEC_FILE",
+    "build",
+    "build_torch",
+    "compile_graph",
+    "convert",
+    "from_pretrained",
+    "inspect",
+    "load_torch_artifact",
+    "resolve_spec",
+    "save_pretrained",
+    "target_meta",
+    "trunk_only_without_mtp",
+]
+
 DEFAULT_TARGETS = ("torch", "hf")  # the deployment targets take minutes; ask for them by name
 
-
-def resolve_spec(spec: ModelSpec | str | Path | dict[str, Any]) -> ModelSpec:
-    """A ModelSpec from a spec object, a dict, a preset name, a YAML/JSON spec file, a Hugging
-    Face config.json, or a checkpoint folder (glmc's or Hugging Face's)."""
-    if isinstance(spec, ModelSpec):
-        return spec
-    if isinstance(spec, dict):
-        return ModelSpec.from_hf_config(spec) if "model_type" in spec else ModelSpec.from_dict(spec)
-    text = str(spec)
-    if text in presets.names():
-        return presets.get(text)
-    p = Path(text)
-    if p.is_dir():
-        if (p / GLMC_SPEC_FILE).is_file():
-            return ModelSpec.from_file(p / GLMC_SPEC_FILE)
-        if (p / "config.json").is_file():
-            return ModelSpec.from_hf_config(p)
-        raise SpecError(f"{p}: folder has neither {GLMC_SPEC_FILE} nor config.json")
-    if p.is_file():
-        return ModelSpec.from_file(p)
-    raise SpecError(
-        f"{text!r} is not a preset ({', '.join(presets.names())}), a spec file or a checkpoint folder"
-    )
-
-
-def trunk_only_without_mtp(spec: ModelSpec, names: Iterable[str], where: Path, action: str) -> ModelSpec:
-    """`spec` without MTP layers when checkpoint `names` hold none of them (transformers never
-    saves MTP weights, so such a checkpoint is the trunk alone); warns when it drops them."""
-    prefix = f"model.layers.{spec.num_layers}."
-    if spec.num_mtp_layers and not any(k.startswith(prefix) for k in names):
-        warnings.warn(
-            f"{where}: config.json declares {spec.num_mtp_layers} MTP layer(s) but the checkpoint has no "
-            f"{prefix}* tensors; {action} without MTP layers",
-            stacklevel=3,
-        )
-        return spec.model_copy(update={"num_mtp_layers": 0})
-    return spec
+# GLM-4.5's tokenizer (vocab 151552): <think> / </think> ids, for TensorRT-LLM's relaxed
+# acceptance inside the thinking span. Other vocabularies get strict acceptance.
+GLM45_VOCAB = 151552
+GLM45_THINK_IDS = (151350, 151351)
 
 
 def inspect(
@@ -89,23 +75,32 @@ def convert(src: str | Path, out: str | Path, pipeline: str | None = None, **opt
     return convert_checkpoint(src, out, pipeline, **options)
 
 
-def compile_graph(spec: ModelSpec, pipeline: str | None = None, dtype: str = "bf16") -> Graph:
-    g = lower(spec, dtype=dtype)
-    if pipeline:
-        from glmc.pipeline import run_pipeline
-
-        g = run_pipeline(g, pipeline)
-    return g
+def target_meta(spec: ModelSpec, source: str = "glmc build") -> Meta:
+    """The spec-dependent facts a target needs, as plain data (export/ never sees the spec)."""
+    return Meta(
+        name=spec.name,
+        spec=spec.model_dump(mode="json"),
+        hf_config=spec.to_hf_config(),
+        eos_token_id=tuple(spec.tokens.eos_token_id or [spec.vocab_size - 1]),
+        bos_token_id=spec.tokens.bos_token_id,
+        pad_token_id=spec.tokens.pad_token_id,
+        think_ids=GLM45_THINK_IDS if spec.vocab_size == GLM45_VOCAB else None,
+        glmc_version=__version__,
+        source=source,
+    )
 
 
 # ---- torch models ---------------------------------------------------------------------------
 
 
-def build_torch(spec: ModelSpec, dtype: torch.dtype = torch.float32, seed: int | None = 0) -> torch.nn.Module:
-    """A randomly initialised torch model of `spec` (transformers' init, deterministic per seed)."""
+def build_torch(
+    spec: ModelSpec, dtype: torch.dtype = torch.float32, seed: int | None = 0, graph: Graph | None = None
+) -> torch.nn.Module:
+    """A randomly initialised torch model of `spec` (transformers' init, deterministic per seed),
+    built from `graph` when the caller already compiled one (else from `spec`'s lowering)."""
     from glmc.export.torch import build_model
 
-    model = build_model(lower(spec), dtype=dtype)
+    model = build_model(graph or compile_graph(spec, dtype=ir_dtype(dtype)), dtype=dtype)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     model.init_weights(spec.initializer_range, generator=gen)
     model.spec = spec  # type: ignore[assignment]
@@ -120,8 +115,9 @@ def from_pretrained(
     unsharded `glmc convert` output: fused, FP8 block128 or channel, dequantised on the CPU);
     `model.spec` is its spec. A weight holding NaN or Inf raises `CheckpointError` naming it,
     unless `allow_nonfinite`."""
-    from glmc.convert import CONVERT_FILE, open_source
+    from glmc.convert import open_source
     from glmc.export.hf import TensorReader, from_hf, open_checkpoint, recipe_of
+    from glmc.export.hf.target import CONVERT_FILE
     from glmc.export.torch import build_model
 
     p = Path(path)
@@ -139,7 +135,7 @@ def from_pretrained(
     else:
         reader = open_checkpoint(p)
     spec = trunk_only_without_mtp(spec, reader, p, "loading")
-    graph = lower(spec, dtype=_ir_dtype(dtype))
+    graph = compile_graph(spec, dtype=ir_dtype(dtype))
     try:
         state = from_hf(graph, reader, dtype=dtype, allow_nonfinite=allow_nonfinite)
     finally:
@@ -157,44 +153,23 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_bytes: i
     per-expert tensor names and the MTP layer at index num_hidden_layers. Atomic: the folder
     appears complete or not at all, replacing an existing one (never the current folder, one
     above it, the home folder or a symbolic link: `glmc.outdir.check_output_folder`)."""
+    from glmc.export.hf.target import write_hf_checkpoint
+
     spec: ModelSpec | None = getattr(model, "spec", None)
     if spec is None:
         raise GlmcError(
             "save_pretrained needs a glmc model (one with a .spec), e.g. from glmc.from_pretrained"
         )
     state = model.state_dict()
-    graph = lower(spec, dtype=_ir_dtype(next(iter(state.values())).dtype))
+    graph = compile_graph(spec, dtype=ir_dtype(next(iter(state.values())).dtype))
     with atomic_folder(path, replace=True) as tmp:
-        write_hf_folder(spec, graph, state, tmp, max_shard_bytes)
+        write_hf_checkpoint(Weights(graph, state), tmp, spec.to_hf_config(), max_shard_bytes)
     return Path(path)
 
 
-def write_hf_folder(
-    spec: ModelSpec, graph: Graph, state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int = 5 * 2**30
-) -> None:
-    from glmc.export.hf import to_hf, write_checkpoint
-
-    write_checkpoint(to_hf(graph, state), out, max_shard_bytes=max_shard_bytes)
-    cfg = spec.to_hf_config()
-    cfg["torch_dtype"] = _dtype_name(next(iter(state.values())).dtype)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-def _dtype_name(dt: torch.dtype) -> str:
-    return str(dt).removeprefix("torch.")
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    dt = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "f32": torch.float32, "float32": torch.float32,
-          "fp32": torch.float32, "f16": torch.float16, "float16": torch.float16}.get(name)  # fmt: skip
-    if dt is None:
-        raise GlmcError(f"unsupported dtype {name!r}; use bf16, f16 or f32")
-    return dt
-
-
-def _ir_dtype(dt: torch.dtype) -> str:
+def ir_dtype(dt: torch.dtype) -> str:
     """The IR dtype name of a torch floating dtype (the graph's storage dtype)."""
-    return _dtype_name(dt)
+    return str(DType.parse(str(dt)))
 
 
 # ---- build ----------------------------------------------------------------------------------
@@ -215,38 +190,39 @@ def build(
 ) -> dict[str, Any]:
     """Compile `spec` and write one subfolder per target into `out`, plus `build.json`.
 
-    Without `weights` the model is randomly initialised (deterministic per `seed`); with a
-    Hugging Face checkpoint folder its weights are loaded and checked against the spec, and
-    refused if any holds NaN or Inf unless `allow_nonfinite`. `out` is checked before any work
-    (`glmc.outdir.check_output_folder`: never the current folder or one above it, never a
-    folder that is, holds or lies inside an input) and written atomically."""
+    The spec is lowered once and the pipeline run once; every target receives that graph and
+    first checks it: a pass a target cannot honour is refused (GlmcError naming the target, the
+    pass and a node) before any folder is made or weight created. Without `weights` the model
+    is randomly initialised (deterministic per `seed`); with a Hugging Face checkpoint folder
+    its weights are loaded and checked against the spec, and refused if any holds NaN or Inf
+    unless `allow_nonfinite`. `out` is checked before any work (`glmc.outdir.check_output_folder`:
+    never the current folder or one above it, never a folder that is, holds or lies inside an
+    input) and written atomically."""
+    from glmc.export.hf import TORCH_DTYPES, check_finite
+
     say = progress or (lambda _msg: None)
-    unknown = [t for t in emit if t not in TARGETS]
-    if unknown:
-        raise GlmcError(
-            f"unknown target(s) {', '.join(unknown)} in --emit; known targets: {', '.join(TARGETS)}"
-        )
-    if not emit:
-        raise GlmcError("--emit names no target")
-    if trtllm_version is not None and "trtllm" not in emit:
-        raise GlmcError("--trtllm-version applies to --emit trtllm")
+    chosen = _targets(emit, trtllm_version)
     s = resolve_spec(spec)
     out = Path(out)
     inputs = {"--weights folder": weights, "spec": _spec_path(spec)}
     check_output_folder(out, inputs=inputs, replace=force)  # before any work
-    torch_dtype = _torch_dtype(dtype)
-    check_model(s, _ir_dtype(torch_dtype), "glmc build", weights)  # refuse what cannot fit, before allocating
+    ir = weight_dtype(dtype)
+    torch_dtype = TORCH_DTYPES[ir]
     say(f"lowering {s.name}")
-    graph = compile_graph(s, pipeline, dtype=_ir_dtype(torch_dtype))
+    plain = compile_graph(s, dtype=str(ir))  # the graph the weights follow
+    graph = run_pipeline(plain, pipeline) if pipeline else plain  # the graph the targets honour
+    for target in chosen:
+        target.check(graph)  # a pass a target cannot honour fails here, before any output exists
+    check_model(s, str(ir), "glmc build", weights, graph=plain)  # refuse what cannot fit, before allocating
     manifest: dict[str, Any] = {
-        "glmc_version": _version(),
+        "glmc_version": __version__,
         "spec": s.model_dump(mode="json"),
         "pipeline": pipeline or "",
         "weights": str(weights) if weights else f"random(seed={seed})",
-        "targets": list(emit),
+        "targets": [t.name for t in chosen],
         "summary": summary(graph),
     }
-    need = _build_bytes(manifest["summary"], graph, emit, torch_dtype)
+    need = sum(t.size_hint(graph, ir.itemsize) for t in chosen)
     # The temporary folder is made before loading or initialising weights: an unwritable or
     # full output fails now, not after the work.
     with atomic_folder(out, replace=force, inputs=inputs, need_bytes=need) as tmp:
@@ -260,24 +236,38 @@ def build(
                 )
         else:
             say("initialising random weights")
-            model = build_torch(s, dtype=torch_dtype, seed=seed)
+            model = build_torch(s, dtype=torch_dtype, seed=seed, graph=plain)
         state = {k: v.detach() for k, v in model.state_dict().items()}
         if weights is None and not allow_nonfinite:
-            from glmc.export.hf import check_finite
-
             for k, v in state.items():  # a random init is finite unless the spec's sizes overflow
                 check_finite(v, k, "the randomly initialised model")
         (tmp / "graph.txt").write_text(format_graph(graph))
-        for target in emit:
-            say(f"emitting {target}")
-            if target == "trtllm" and trtllm_version is not None:
-                from glmc.runtime.emit import emit_trtllm  # the options' TensorRT-LLM release
-
-                emit_trtllm(s, graph, state, tmp / target, trtllm_version=trtllm_version)
-            else:
-                _EMITTERS[target](s, graph, state, tmp / target)
+        meta = target_meta(s)
+        for target in chosen:
+            say(f"emitting {target.name}")
+            target.emit(graph, Weights(plain, state), tmp / target.name, meta)
         (tmp / "build.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _targets(emit: Sequence[str], trtllm_version: str | None) -> list[Target]:
+    """The targets `emit` names, in its order, from the registry (`glmc.export.targets()`)."""
+    unknown = [t for t in emit if t not in target_names()]
+    if unknown:
+        raise GlmcError(
+            f"unknown target(s) {', '.join(unknown)} in --emit; known targets: {', '.join(target_names())}"
+        )
+    if not emit:
+        raise GlmcError("--emit names no target")
+    twice = sorted({t for t in emit if list(emit).count(t) > 1})
+    if twice:
+        raise GlmcError(f"--emit names {', '.join(twice)} twice")
+    if trtllm_version is not None and "trtllm" not in emit:
+        raise GlmcError("--trtllm-version applies to --emit trtllm")
+    chosen = [get_target(t) for t in emit]
+    if trtllm_version is not None:  # the options' TensorRT-LLM release
+        chosen = [replace(t, release=trtllm_version) if t.name == "trtllm" else t for t in chosen]  # type: ignore[type-var]
+    return chosen
 
 
 def _spec_path(spec: object) -> Path | None:
@@ -286,63 +276,6 @@ def _spec_path(spec: object) -> Path | None:
         return None
     p = Path(spec)
     return p if p.exists() else None
-
-
-def _build_bytes(info: dict[str, Any], graph: Graph, emit: Sequence[str], dtype: torch.dtype) -> int:
-    """A lower bound on what the checkpoint targets write (the deployment targets' sizes
-    depend on their exporters and are not counted): compared with the free space up front."""
-    params = int(info["params"]["checkpoint"])  # the Hugging Face layout writes the MTP copies
-    held = int(info["params"]["in_memory"])  # the torch artifact does not
-    item = torch.empty(0, dtype=dtype).element_size()
-    fp8 = graph.attr("quantization", None) is not None
-    per_target = {"torch": held * item, "hf": params * (1 if fp8 else item), "trtllm": params}
-    return sum(per_target.get(t, 0) for t in emit)
-
-
-def _emit_torch(spec: ModelSpec, graph: Graph, state: dict[str, torch.Tensor], out: Path) -> None:
-    """glmc's own layout: stacked experts under the torch module's names, plus the spec."""
-    from glmc.export.hf import write_safetensors
-
-    out.mkdir(parents=True)
-    write_safetensors(out / "model.safetensors", state, metadata={"format": "pt"})
-    (out / GLMC_SPEC_FILE).write_text(json.dumps(spec.model_dump(mode="json"), indent=2) + "\n")
-    (out / "graph.txt").write_text(format_graph(graph))
-
-
-def _emit_hf(spec: ModelSpec, graph: Graph, state: dict[str, torch.Tensor], out: Path) -> None:
-    out.mkdir(parents=True)
-    if not any(graph.attr(k, None) is not None for k in ("weight_layout", "quantization", "mesh")):
-        write_hf_folder(spec, graph, state, out)
-        return
-    # The pipeline changes the checkpoint (fused, FP8 or per-rank): write it the way
-    # `glmc convert` does, from the Hugging Face tensors of the unpassed model.
-    from glmc.convert import CONVERT_FILE, _manifest, write_config, write_layout
-    from glmc.export.hf import DictCheckpoint, LogicalSource, plan_checkpoint, to_hf
-
-    plain = lower(spec, dtype=str(graph.attr("dtype")))
-    tensors = LogicalSource(DictCheckpoint(dict(to_hf(plain, state))), plan_checkpoint(plain), None)
-    write_layout(graph, tensors, out)
-    write_config(spec, graph, out)
-    manifest = _manifest(graph, ",".join(graph.attr("passes", ())), "glmc build")
-    (out / CONVERT_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def _deploy_emitter(target: str) -> Callable[[ModelSpec, Graph, dict[str, torch.Tensor], Path], None]:
-    """Deployment targets (glmc.runtime.emit) load their optional dependencies on first use."""
-
-    def emit(spec: ModelSpec, graph: Graph, state: dict[str, torch.Tensor], out: Path) -> None:
-        from glmc.runtime import emit as deploy
-
-        getattr(deploy, "emit_" + target.replace("-", "_"))(spec, graph, state, out)
-
-    return emit
-
-
-_EMITTERS: dict[str, Callable[[ModelSpec, Graph, dict[str, torch.Tensor], Path], None]] = {
-    "torch": _emit_torch,
-    "hf": _emit_hf,
-    **{t: _deploy_emitter(t) for t in ("trtllm", "onnx", "aoti", "torch-trt")},
-}
 
 
 def load_torch_artifact(
@@ -360,7 +293,7 @@ def load_torch_artifact(
     if not f.is_file():
         raise CheckpointError(f"{p}: torch artifact has no model.safetensors")
     with torch.device("meta"):
-        model = build_model(lower(spec), dtype=dtype, device="meta")
+        model = build_model(compile_graph(spec, dtype=ir_dtype(dtype)), dtype=dtype, device="meta")
     want = model.state_dict()
     with open_checkpoint(f) as reader:  # validates the file's framing: CheckpointError naming it
         missing = [k for k in want if k not in reader]
@@ -383,9 +316,3 @@ def load_torch_artifact(
     model.load_state_dict(state, strict=True, assign=True)
     model.spec = spec  # type: ignore[assignment]
     return model.eval()
-
-
-def _version() -> str:
-    from glmc import __version__
-
-    return __version__

@@ -18,12 +18,15 @@ import time
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from glmc.errors import GlmcError
 from glmc.ir import Graph, verify
 from glmc.passes import Pass, registry
 from glmc.untrusted import clip, has_control_chars
+
+if TYPE_CHECKING:
+    from glmc.spec import ModelSpec
 
 _ITEM = re.compile(r"\s*([a-z][a-z0-9-]*)\s*(?:\{([^{}]*)\})?\s*(?:,|$)")
 # Integer arguments are plain decimal: no `1_000`, no other scripts' digits, no sign but `-`,
@@ -164,3 +167,16 @@ def run_passes(graph: Graph, passes: list[Pass], observer: Observer | None = Non
 
 def run_pipeline(graph: Graph, text: str, observer: Observer | None = None) -> Graph:
     return run_passes(graph, build(text), observer)
+
+
+def compile_graph(
+    spec: ModelSpec, pipeline: str | None = None, dtype: str = "bf16", observer: Observer | None = None
+) -> Graph:
+    """The one place a spec is lowered: spec -> IR -> the pipeline's passes, verified after each.
+    Everything downstream (targets, loaders, the trainer, the memory guard) receives a graph made
+    here, so a model is never rebuilt from a second, possibly different lowering. The pipeline
+    text is parsed before lowering: a bad pipeline fails without the work."""
+    from glmc.lower import lower
+
+    passes = build(pipeline) if pipeline else []
+    return run_passes(lower(spec, dtype=dtype), passes, observer)

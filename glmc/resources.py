@@ -69,12 +69,15 @@ def model_bytes(graph: Graph) -> tuple[int, int]:
     return weight_bytes(graph), largest * (4 + item)
 
 
-def check_model(spec: ModelSpec, dtype: str, what: str, weights: str | Path | None = None) -> None:
+def check_model(
+    spec: ModelSpec, dtype: str, what: str, weights: str | Path | None = None, graph: Graph | None = None
+) -> None:
     """Refuse (GlmcError, exit 2) when a `dtype` torch model of `spec`, built whole in this
-    process (random init, or loaded from `weights`), does not fit in available memory."""
-    from glmc.lower import lower
+    process (random init, or loaded from `weights`), does not fit in available memory. `graph`:
+    the model's graph when the caller compiled it already (else compiled here)."""
+    from glmc.pipeline import compile_graph
 
-    held, temp = model_bytes(lower(spec, dtype=dtype))
+    held, temp = model_bytes(graph if graph is not None else compile_graph(spec, dtype=dtype))
     how = (
         "read whole from the checkpoint; `glmc convert` streams one tensor at a time instead"
         if weights is not None
@@ -92,14 +95,14 @@ def check_training(spec: ModelSpec, world: int = 1) -> None:
     """Refuse training that cannot fit: each process on this host (LOCAL_WORLD_SIZE, as torchrun
     sets it; `world` without it) builds the fp32 model whole, and holds at least its 1/`world`
     share of gradients and AdamW states."""
-    from glmc.lower import lower
+    from glmc.pipeline import compile_graph
 
     try:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     except ValueError:
         local_world = world
 
-    held, temp = model_bytes(lower(spec, dtype="f32"))
+    held, temp = model_bytes(compile_graph(spec, dtype="f32"))
     per_process = held + temp + 3 * held // max(world, 1) + BASELINE_BYTES
     need = per_process * max(local_world, 1)
     require(

@@ -230,7 +230,9 @@ def test_sigterm_during_convert_and_build_removes_the_temporary_folder(
     def emit_then_terminated(*a: Any) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setitem(glmc.api._EMITTERS, "hf", emit_then_terminated)
+    from glmc.export.hf.target import HfTarget
+
+    monkeypatch.setattr(HfTarget, "emit", emit_then_terminated)
     (out / "x").mkdir(parents=True)  # an existing output stays as it was
     with pytest.raises(SystemExit):
         main(["build", "glm-tiny", "-o", str(out), "--force"])

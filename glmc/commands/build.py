@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from glmc.commands._common import EXIT_OK, add_spec_argument, human
+from glmc.export import names as target_names
 
 NAME = "build"
 HELP = "Compile a spec and emit artifacts"
@@ -19,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--emit",
         default="torch,hf",
-        help="comma-separated targets: torch, hf, trtllm, onnx, aoti, torch-trt (default: torch,hf)",
+        help=f"comma-separated targets: {', '.join(target_names())} (default: torch,hf); a pass a target "
+        "cannot honour is refused before any work",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for random init (default 0)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")

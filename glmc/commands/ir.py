@@ -30,10 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from glmc.api import resolve_spec
     from glmc.ir import format_graph
-    from glmc.lower import lower
-    from glmc.pipeline import PassRecord, build, run_passes
+    from glmc.pipeline import PassRecord, build, compile_graph, run_passes
+    from glmc.resolve import resolve_spec
 
     passes = build(args.pipeline)  # a bad pipeline fails before anything is printed
     names = {p.name for p in passes}
@@ -43,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         )
     t0 = time.perf_counter()
     try:
-        graph = lower(resolve_spec(args.spec), dtype=args.dtype)
+        graph = compile_graph(resolve_spec(args.spec), dtype=args.dtype)  # lowered, no pass yet
     except ValueError as e:
         raise GlmcError(f"--dtype: {e}") from None
     lowered = time.perf_counter() - t0

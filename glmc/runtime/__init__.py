@@ -1,6 +1,7 @@
 """Running glmc artifacts: a KV-cache decoding loop with MTP speculation over the torch,
-AOTInductor and ONNX Runtime artifacts (`glmc generate`), and the deployment targets'
-emitters (`emit`, used by `glmc build`). Imports torch on use, onnxruntime only for onnx."""
+AOTInductor and ONNX Runtime artifacts (`glmc generate`), backends and sampling. The emitters
+that write the artifacts are targets in `glmc.export`. Imports torch on use, onnxruntime only
+for onnx."""
 
 from glmc.runtime.artifact import Artifact, open_artifact
 from glmc.runtime.decode import MAX_DRAFT_TOKENS, Stats, generate

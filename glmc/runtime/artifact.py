@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from glmc.errors import CheckpointError, GlmcError
+from glmc.export import GLMC_SPEC_FILE, RUNTIME_FILE
 from glmc.runtime.backend import Backend, TorchBackend
 from glmc.spec import ModelSpec
 
-RUNTIME_FILE = "glmc_runtime.json"
 BUILD_FILE = "build.json"
 # Which target `glmc generate BUILD_FOLDER` runs when --target is not given.
 PREFERENCE = ("torch", "hf", "trtllm", "aoti", "onnx")
@@ -33,11 +33,6 @@ class Artifact:
         return self.backend.spec
 
 
-def write_manifest(out: Path, target: str, spec: ModelSpec, files: dict[str, str], **extra: Any) -> None:
-    data = {"target": target, "files": files, "spec": spec.model_dump(mode="json"), **extra}
-    (out / RUNTIME_FILE).write_text(json.dumps(data, indent=2) + "\n")
-
-
 def open_artifact(path: str | Path, target: str | None = None) -> Artifact:
     p = Path(path)
     if not p.is_dir():
@@ -48,7 +43,7 @@ def open_artifact(path: str | Path, target: str | None = None) -> Artifact:
     if found is None:
         raise GlmcError(
             f"{p} is not a glmc artifact: expected {BUILD_FILE} (a build folder), {RUNTIME_FILE} (an onnx or "
-            "aoti target folder), glmc_spec.json (a torch artifact) or config.json (a Hugging Face checkpoint)"
+            f"aoti target folder), {GLMC_SPEC_FILE} (a torch artifact) or config.json (a Hugging Face checkpoint)"
         )
     if target is not None and target != found:
         raise GlmcError(f"{p} holds a {found} artifact, not {target}")
@@ -70,15 +65,16 @@ def _open_build(p: Path, target: str | None) -> Artifact:
 
 def _kind(p: Path) -> str | None:
     if (p / RUNTIME_FILE).is_file():
-        return str(_manifest(p)["target"])
-    if (p / "glmc_spec.json").is_file():
+        return str(read_runtime_manifest(p)["target"])
+    if (p / GLMC_SPEC_FILE).is_file():
         return "torch"
     if (p / "config.json").is_file():
         return "hf"
     return None
 
 
-def _manifest(p: Path) -> dict[str, Any]:
+def read_runtime_manifest(p: Path) -> dict[str, Any]:
+    """`glmc_runtime.json` of target folder `p`, checked for the keys a backend needs."""
     try:
         data: dict[str, Any] = json.loads((p / RUNTIME_FILE).read_text())
         for key in ("target", "files", "spec"):
@@ -98,7 +94,7 @@ def _open(p: Path, target: str) -> Artifact:
         raise GlmcError(
             f"{p} is a {target} artifact, which generate cannot run here (it runs {', '.join(sorted(RUNNABLE))})"
         )
-    m = _manifest(p)
+    m = read_runtime_manifest(p)
     spec = ModelSpec.from_dict(m["spec"], source=str(p / RUNTIME_FILE))
     files: dict[str, str] = m["files"]
     missing = [f for f in files.values() if not (p / f).is_file()]

@@ -666,13 +666,13 @@ def export_hf(module: nn.Module, spec: Any, out: Path, d: Dist) -> Path | None:
     """Write the trained weights in the Hugging Face layout (glmc.save_pretrained) on rank 0."""
     from glmc.api import save_pretrained
     from glmc.export.torch import build_model
-    from glmc.lower import lower
+    from glmc.pipeline import compile_graph
 
     sd = full_state_dict(module, d)
     if not d.is_main:
         return None
     with torch.device("meta"):
-        plain = build_model(lower(spec), dtype=torch.float32, device="meta")
+        plain = build_model(compile_graph(spec, dtype="f32"), dtype=torch.float32, device="meta")
     plain.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
     plain.spec = spec
     return save_pretrained(plain, out)

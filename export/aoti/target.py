@@ -1,0 +1,31 @@
+"""The `aoti` target: AOTInductor packages compiled for this machine's CPU, in fp32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from glmc.ir import Graph
+
+from ..target import BaseTarget, Meta, Weights, write_runtime_manifest
+
+
+class AotiTarget(BaseTarget):
+    name: ClassVar[str] = "aoti"
+    # Compiled from the module of the weights' graph: no fused or FP8 storage, one process.
+    honours: ClassVar[frozenset[str]] = frozenset()
+
+    def emit(self, graph: Graph, weights: Weights, out: Path, meta: Meta) -> None:
+        from . import export_aoti
+
+        out.mkdir(parents=True)
+        model = weights.module(torch.float32)
+        files = export_aoti(
+            model,  # type: ignore[arg-type]
+            out,
+            int(graph.attr("max_position_embeddings")),
+            mtp=bool(graph.attr("num_mtp_layers", 0)),
+        )
+        write_runtime_manifest(out, self.name, meta, files, dtype="float32", device="cpu")
