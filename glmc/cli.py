@@ -10,8 +10,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from glmc.commands import COMMANDS
-from glmc.commands._common import EXIT_BAD_INPUT, EXIT_OK
+from glmc.commands import COMMANDS, EXIT_BAD_INPUT, EXIT_OK
 from glmc.errors import GlmcError
 from glmc.untrusted import one_line
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from glmc.errors import SpecError
-from glmc.spec import ModelSpec
 from glmc.untrusted import check_tree, clip, describe, load_json, read_text
+
+if TYPE_CHECKING:  # the spec imports this module: fields in, a validated spec made there
+    from glmc.spec import ModelSpec
 
 HF_MODEL_TYPE = "glm4_moe"
 
@@ -114,7 +116,11 @@ class _Reader:
         return v
 
 
-def spec_from_hf_config(config: str | Path | dict[str, Any], source: str | None = None) -> ModelSpec:
+def spec_fields_from_hf_config(
+    config: str | Path | dict[str, Any], source: str | None = None
+) -> tuple[dict[str, Any], str]:
+    """The ModelSpec fields a Hugging Face config describes, and where it came from (for the
+    spec's validation messages); `ModelSpec.from_hf_config` validates them."""
     data, where = load_hf_config_dict(config)
     where = source or where
     model_type = data.get("model_type")
@@ -197,7 +203,7 @@ def spec_from_hf_config(config: str | Path | dict[str, Any], source: str | None 
             "eos_token_id": eos,
         },
     }
-    return ModelSpec.from_dict(spec, source=where)
+    return spec, where
 
 
 def _check_quantization_config(r: _Reader) -> None:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from glmc.errors import SpecError
+from glmc.hf_config import hf_config_from_spec, spec_fields_from_hf_config
 from glmc.untrusted import (
     check_tree,
     clip,
@@ -313,14 +314,11 @@ class ModelSpec(_Frozen):
     @classmethod
     def from_hf_config(cls, config: str | Path | dict[str, Any], source: str | None = None) -> ModelSpec:
         """Import a Hugging Face `config.json` (model_type glm4_moe), its dict, or a checkpoint folder."""
-        from glmc.hf_config import spec_from_hf_config
-
-        return spec_from_hf_config(config, source=source)
+        data, where = spec_fields_from_hf_config(config, source=source)
+        return cls.from_dict(data, source=where)
 
     def to_hf_config(self) -> dict[str, Any]:
         """A `config.json` dict that transformers 4.5x and 5.x read identically."""
-        from glmc.hf_config import hf_config_from_spec
-
         return hf_config_from_spec(self)
 
     def to_yaml(self) -> str:

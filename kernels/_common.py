@@ -37,3 +37,28 @@ def triton_runs_on(device: torch.device) -> bool:
     if not triton_available():
         return False
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+# ---- shared by a reference module and its Triton launcher ----------------------------------
+# They live here, not in the reference module, so the launcher (imported lazily by the
+# reference) does not import the reference back: no import cycle.
+
+# Block-scaled FP8 (kernels/fp8.py): E4M3 values, 128-wide blocks, scale_inv = max(amax, eps) / 448.
+BLOCK = 128
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+AMAX_EPS = 1e-12
+
+
+def align_capacity(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Static row bound of the padded expert-major layout (a multiple of block_m)."""
+    # At most min(E, N) experts are non-empty and each pads by under block_m rows. sym_min keeps
+    # symbolic sizes symbolic under torch.compile(dynamic=True) instead of guarding on them.
+    nonempty = torch.sym_min(num_experts, num_pairs)
+    return (num_pairs + nonempty * (block_m - 1)) // block_m * block_m
+
+
+def route_launch_shape(num_experts: int, n_group: int) -> tuple[int, int]:
+    """Padded (groups, experts per group) of the router kernel's score tile; both powers of two."""
+    per = num_experts // n_group
+    return next_pow2(n_group), next_pow2(per, floor=max(1, cdiv(16, next_pow2(n_group))))

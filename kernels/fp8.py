@@ -18,12 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import cdiv
-
-BLOCK = 128
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-AMAX_EPS = 1e-12
+from ._common import AMAX_EPS, BLOCK, FP8, FP8_MAX, cdiv
 
 
 def _pad_to(x: Tensor, rows: int, cols: int) -> Tensor:

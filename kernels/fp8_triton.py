@@ -16,9 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cdiv, interpreting, next_pow2
+from ._common import AMAX_EPS, BLOCK, FP8, FP8_MAX, cdiv, interpreting, next_pow2
 from ._triton_helpers import cast, dot
-from .fp8 import AMAX_EPS, BLOCK, FP8, FP8_MAX
 
 # Kernels may read only constexpr globals (the interpreter does not enforce this; the compiler does).
 _EPS = tl.constexpr(AMAX_EPS)

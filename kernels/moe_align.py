@@ -27,20 +27,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._common import align_capacity
+
 
 class Alignment(NamedTuple):
     sorted_ids: Tensor
     block_expert: Tensor
     offsets: Tensor
     counts: Tensor
-
-
-def align_capacity(num_pairs: int, num_experts: int, block_m: int) -> int:
-    """Static row bound of the padded expert-major layout (a multiple of block_m)."""
-    # At most min(E, N) experts are non-empty and each pads by under block_m rows. sym_min keeps
-    # symbolic sizes symbolic under torch.compile(dynamic=True) instead of guarding on them.
-    nonempty = torch.sym_min(num_experts, num_pairs)
-    return (num_pairs + nonempty * (block_m - 1)) // block_m * block_m
 
 
 def _block_expert(offsets: Tensor, capacity: int, block_m: int) -> Tensor:

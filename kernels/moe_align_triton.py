@@ -15,8 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cdiv, next_pow2
-from .moe_align import align_capacity
+from ._common import align_capacity, cdiv, next_pow2
 
 
 @triton.jit

@@ -15,8 +15,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import cdiv, next_pow2
-
 
 def check_route_args(num_experts: int, top_k: int, n_group: int, topk_group: int) -> None:
     if n_group < 1 or num_experts % n_group:
@@ -148,9 +146,3 @@ def route_triton(
         x, weight, bias, top_k, n_group, topk_group, norm_topk_prob, float(routed_scaling_factor)
     )
     return ids, w
-
-
-def route_launch_shape(num_experts: int, n_group: int) -> tuple[int, int]:
-    """Padded (groups, experts per group) of the kernel's score tile; both powers of two."""
-    per = num_experts // n_group
-    return next_pow2(n_group), next_pow2(per, floor=max(1, cdiv(16, next_pow2(n_group))))

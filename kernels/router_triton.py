@@ -10,8 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import cdiv, interpreting, next_pow2
-from .router import route_launch_shape
+from ._common import cdiv, interpreting, next_pow2, route_launch_shape
 
 
 @triton.jit

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from glmc.ir import DType, Graph, Node, Param, ParamRole, local_shape, mesh_of, shard_specs, stage_of
 from glmc.ir.quant import BLOCK, cdiv, scale_suffix
 
-from .names import _resolve_tie, hf_name
+from .names import hf_name, resolve_tie
 
 Coords = dict[str, int]
 
@@ -158,7 +158,7 @@ class _Context:
             fused = p.attr("fused", None)
             segments = tuple(p.attr("segments")) if fused else (p.shape[0],)
             names = [[self.name(f"{node.name}.{c}") for c in fused] if fused else [self.name(full)]]
-        fallback = self.name(_resolve_tie(self.params, full)) if p.tied_to else None
+        fallback = self.name(resolve_tie(self.params, full)) if p.tied_to else None
         rows = [(0, s) for s in segments]
         cols = (0, p.shape[-1]) if len(p.shape) - lead == 2 else None
         tp = specs.get("tp")

@@ -88,7 +88,7 @@ def hf_tensors(graph: Graph) -> list[HFTensor]:
                     shape=p.shape,
                     dtype=p.dtype,
                     role=p.role,
-                    param=_resolve_tie(params, fqn),
+                    param=resolve_tie(params, fqn),
                     param_shape=p.shape,
                     copy=p.tied_to is not None,
                 )
@@ -101,7 +101,7 @@ def hf_tensor_layout(graph: Graph) -> dict[str, tuple[tuple[int, ...], str]]:
     return {t.name: (t.shape, t.safetensors_dtype) for t in hf_tensors(graph)}
 
 
-def _resolve_tie(params: dict[str, Param], fqn: str) -> str:
+def resolve_tie(params: dict[str, Param], fqn: str) -> str:
     """Follow `tied_to` to the parameter that owns the storage (ties may chain)."""
     seen = {fqn}
     while (tied := params[fqn].tied_to) is not None:
