@@ -292,10 +292,19 @@ def load_torch_artifact(
     f = p / "model.safetensors"
     if not f.is_file():
         raise CheckpointError(f"{p}: torch artifact has no model.safetensors")
+    from safetensors import safe_open
+
+    from glmc.export.torch.target import PIPELINE_KEY
+
+    # The framing is validated first (CheckpointError naming the file), then the header's
+    # metadata says which passes the tensors follow (fused, FP8).
+    with open_checkpoint(f), safe_open(str(f), "pt") as header:
+        pipeline = (header.metadata() or {}).get(PIPELINE_KEY) or None
     with torch.device("meta"):
-        model = build_model(compile_graph(spec, dtype=ir_dtype(dtype)), dtype=dtype, device="meta")
+        graph = compile_graph(spec, pipeline, dtype=ir_dtype(dtype))
+        model = build_model(graph, dtype=dtype, device="meta")
     want = model.state_dict()
-    with open_checkpoint(f) as reader:  # validates the file's framing: CheckpointError naming it
+    with open_checkpoint(f) as reader:
         missing = [k for k in want if k not in reader]
         unexpected = [k for k in reader if k not in want]
         if missing or unexpected:
@@ -311,8 +320,10 @@ def load_torch_artifact(
                 raise CheckpointError(f"{k} has shape {list(shape)} in {f}, expected {list(w.shape)}")
             t = reader[k]
             state[k] = t.to(w.dtype) if t.is_floating_point() else t
-            if not allow_nonfinite:
-                check_finite(state[k], k, str(f))
+            if not allow_nonfinite:  # FP8 checked in fp32 (torch has no isfinite for it)
+                check_finite(
+                    state[k].float() if state[k].dtype == torch.float8_e4m3fn else state[k], k, str(f)
+                )
     model.load_state_dict(state, strict=True, assign=True)
     model.spec = spec  # type: ignore[assignment]
     return model.eval()

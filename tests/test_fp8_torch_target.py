@@ -244,3 +244,41 @@ def test_fp8_checkpoint_loads_into_the_fp8_model_without_dequantising(tmp_path: 
     model.load_state_dict(got, strict=True)
     with pytest.raises(GlmcError, match="not in the checkpoint"):
         checkpoint_state(g, {k: v for k, v in stored.items() if "layers.0.self_attn" not in k}.__getitem__)
+
+
+def test_build_writes_the_fp8_torch_artifact_and_generate_runs_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`glmc build --pipeline fuse-moe,quantize-fp8 --emit torch`: the file holds F8_E4M3
+    tensors, the loader rebuilds the passed graph from the recorded pipeline, the logits are the
+    FP8 model's of the same weights, and `glmc generate` runs it (greedy and MTP)."""
+    from safetensors import safe_open
+
+    from glmc.api import load_torch_artifact
+    from glmc.cli import main
+
+    spec = presets.get("glm-tiny")
+    pipeline = "fuse-moe,quantize-fp8{serving=false}"
+    plain_model = glmc.api.build_torch(spec, dtype=torch.float32, seed=9)
+    glmc.save_pretrained(plain_model, tmp_path / "ckpt")
+    glmc.build(tmp_path / "ckpt", tmp_path / "out", weights=tmp_path / "ckpt", pipeline=pipeline,
+               emit=["torch"], dtype="f32")  # fmt: skip
+    with safe_open(str(tmp_path / "out" / "torch" / "model.safetensors"), "pt") as f:
+        dtypes = {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+    assert dtypes["model.layers.1.mlp.experts.gate_up_proj"] == "F8_E4M3"
+    assert dtypes["model.layers.1.mlp.experts.gate_up_proj_scale_inv"] == "F32"
+    loaded = load_torch_artifact(tmp_path / "out" / "torch")
+    g = run_pipeline(lower(spec, dtype="f32"), pipeline)
+    want_model = build_model(g)
+    want_model.load_state_dict(passed_state(g, plain_model.state_dict()))
+    ids = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), want_model.eval()(ids))
+    art = str(tmp_path / "out" / "torch")
+    assert main(["generate", art, "--prompt-ids", "5,17,301", "--max-new-tokens", "4", "--greedy"]) == 0
+    greedy = capsys.readouterr().out.splitlines()[0]
+    args = ["--speculative", "mtp"]
+    assert (
+        main(["generate", art, "--prompt-ids", "5,17,301", "--max-new-tokens", "4", "--greedy", *args]) == 0
+    )
+    assert capsys.readouterr().out.splitlines()[0] == greedy and len(greedy.split(",")) == 4

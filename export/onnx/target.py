@@ -16,23 +16,27 @@ from ..target import BaseTarget, Meta, Weights, write_runtime_manifest
 
 class OnnxTarget(BaseTarget):
     name: ClassVar[str] = "onnx"
-    # Traced from the module of the weights' graph: fused or FP8 storage and per-rank programs
-    # are not exported, so those passes are refused.
-    honours: ClassVar[frozenset[str]] = frozenset()
+    # Traced from the module of the passed graph: fused parameters, FP8 weights as FLOAT8E4M3FN
+    # initializers with DequantizeLinear. Per-rank programs are not exported: shard is refused.
+    honours: ClassVar[frozenset[str]] = frozenset({"fuse-moe", "quantize-fp8"})
 
     def emit(self, graph: Graph, weights: Weights, out: Path, meta: Meta) -> None:
+        from glmc.export.torch import build_model, passed_state
+
         from . import export_decoder, export_mtp, genai_config
 
         out.mkdir(parents=True)
-        model = weights.module(torch.float32)
+        model = build_model(graph, dtype=torch.float32)  # FP8 weights and their scales stay as they are
+        model.load_state_dict(passed_state(graph, weights.state), strict=True)
+        model.eval()
         context = int(graph.attr("max_position_embeddings"))
         files = {"decoder": "model.onnx"}
-        export_decoder(model, out / files["decoder"], context)  # type: ignore[arg-type]
+        export_decoder(model, out / files["decoder"], context)
         if graph.attr("num_mtp_layers", 0):
             files["mtp"] = "mtp.onnx"
-            export_mtp(model, out / files["mtp"], context)  # type: ignore[arg-type]
+            export_mtp(model, out / files["mtp"], context)
         cfg = genai_config(
-            model,  # type: ignore[arg-type]
+            model,
             context_length=context,
             eos_token_id=list(meta.eos_token_id),
             bos_token_id=meta.bos_token_id,

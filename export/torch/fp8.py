@@ -14,7 +14,7 @@ are buffers, so optimizers never see them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -107,7 +107,7 @@ def quantize_param(w: Tensor, recipe: str, segments: tuple[int, ...]) -> tuple[T
     return q_all, s_all.reshape(*lead, *s_all.shape[-2:])
 
 
-def passed_state(graph: Graph, state: dict[str, Tensor]) -> dict[str, Tensor]:
+def passed_state(graph: Graph, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The unpassed model's state (plain lowering: separate q/k/v and gate/up, stacked experts,
     high precision) -> the state of `build_model(graph)`: fused parameters concatenated from
     their components, FP8 weights quantised with their scales. Pure; tensors of parameters the
