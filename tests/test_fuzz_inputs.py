@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from cli_helpers import hang_guard  # tests/cli_helpers.py
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,18 +38,8 @@ FUZZ = settings(
 )
 
 
-@contextmanager
-def bounded(seconds: int = CASE_BOUND_S) -> Iterator[None]:
-    def fire(_sig: int, _frame: object) -> None:
-        raise TimeoutError(f"one fuzz case ran over {seconds} s: the input made glmc hang")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+def bounded(seconds: int = CASE_BOUND_S) -> AbstractContextManager[None]:
+    return hang_guard(seconds, "one fuzz case hung")
 
 
 def check_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> int:

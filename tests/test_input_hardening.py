@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
+from cli_helpers import hang_guard  # tests/cli_helpers.py
 
 import glmc
 from glmc import ModelSpec, SpecError, presets, resources
@@ -25,18 +24,8 @@ from glmc.untrusted import MESSAGE_CHARS, one_line, printable
 HANG_GUARD_S = 60  # turns a hang into a failure; far above what any case here takes
 
 
-@contextmanager
-def no_hang(seconds: int = HANG_GUARD_S) -> Iterator[None]:
-    def fire(_sig: int, _frame: object) -> None:
-        raise TimeoutError(f"still running after {seconds} s: the input made glmc hang")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+def no_hang(seconds: int = HANG_GUARD_S) -> AbstractContextManager[None]:
+    return hang_guard(seconds)
 
 
 def cli(argv: list[Any], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

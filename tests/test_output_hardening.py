@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 import torch
+from cli_helpers import expect_bad_input as _bad  # tests/cli_helpers.py
+from cli_helpers import run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -35,21 +37,6 @@ from glmc.runtime import Sampling, generate
 from glmc.runtime.backend import TorchBackend
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run(argv: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _bad(argv: list[object], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
-    code, _, err = run(argv, capsys)
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 def _temporaries(parent: Path, name: str) -> list[Path]:
