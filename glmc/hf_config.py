@@ -1,4 +1,5 @@
-"""Hugging Face `config.json` (model_type `glm4_moe`) <-> `ModelSpec`.
+"""Reading a Hugging Face `config.json` (model_type `glm4_moe`) into `ModelSpec` fields; the
+spec validates them and writes configs back (`ModelSpec.to_hf_config`, in `glmc.spec`).
 
 Written configs keep the legacy top-level `rope_theta`, `partial_rotary_factor` and
 `rope_scaling` keys (transformers 4.5x reads only those; a `rope_parameters`-only config makes
@@ -10,13 +11,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from glmc.errors import SpecError
 from glmc.untrusted import check_tree, clip, describe, load_json, read_text
-
-if TYPE_CHECKING:  # the spec imports this module: fields in, a validated spec made there
-    from glmc.spec import ModelSpec
 
 HF_MODEL_TYPE = "glm4_moe"
 
@@ -227,55 +225,3 @@ def _check_quantization_config(r: _Reader) -> None:
                 "an object with a weights object",
                 group,
             )
-
-
-def hf_config_from_spec(spec: ModelSpec) -> dict[str, Any]:
-    att, rope = spec.attention, spec.attention.rope
-    # A dense-only spec still needs valid MoE keys for Glm4MoeConfig; all layers stay dense.
-    moe = spec.moe
-    eos = spec.tokens.eos_token_id
-    cfg: dict[str, Any] = {
-        "architectures": ["Glm4MoeForCausalLM"],
-        "model_type": HF_MODEL_TYPE,
-        "vocab_size": spec.vocab_size,
-        "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.mlp.intermediate_size,
-        "num_hidden_layers": spec.num_layers,
-        "first_k_dense_replace": spec.num_dense_layers,
-        "num_attention_heads": att.num_heads,
-        "num_key_value_heads": att.num_kv_heads,
-        "head_dim": att.head_dim,
-        "use_qk_norm": att.qk_norm,
-        "attention_bias": att.qkv_bias,
-        "attention_dropout": 0.0,
-        "hidden_act": spec.mlp.activation,
-        "partial_rotary_factor": rope.partial_rotary_factor,
-        "rope_theta": rope.theta,
-        "rope_scaling": rope.scaling,
-        "rope_parameters": {
-            "rope_type": (rope.scaling or {}).get("rope_type", "default"),
-            **(rope.scaling or {}),
-            "rope_theta": rope.theta,
-            "partial_rotary_factor": rope.partial_rotary_factor,
-        },
-        "moe_intermediate_size": moe.intermediate_size if moe else spec.mlp.intermediate_size,
-        "n_routed_experts": moe.num_experts if moe else 1,
-        "n_shared_experts": moe.num_shared_experts if moe else 0,
-        "num_experts_per_tok": moe.top_k if moe else 1,
-        "n_group": moe.n_group if moe else 1,
-        "topk_group": moe.topk_group if moe else 1,
-        "norm_topk_prob": moe.norm_topk_prob if moe else True,
-        "routed_scaling_factor": moe.routed_scaling_factor if moe else 1.0,
-        "num_nextn_predict_layers": spec.num_mtp_layers,
-        "rms_norm_eps": spec.norm_eps,
-        "tie_word_embeddings": spec.tie_word_embeddings,
-        "max_position_embeddings": spec.max_position_embeddings,
-        "initializer_range": spec.initializer_range,
-        "use_cache": True,
-        "torch_dtype": "bfloat16",
-        "pad_token_id": spec.tokens.pad_token_id,
-        "bos_token_id": spec.tokens.bos_token_id,
-        "eos_token_id": (eos[0] if len(eos) == 1 else list(eos)) if eos else None,
-        "_name_or_path": spec.name,
-    }
-    return cfg

@@ -2,7 +2,8 @@
 
 A `ModelSpec` holds only the knobs a user chooses. Everything derived from them (rotary
 dimensions, per-layer kinds, parameter counts) is computed in lowering (`glmc.lower`), not
-stored here. Hugging Face `config.json` import/export lives in `glmc.hf_config`.
+stored here. Reading a Hugging Face `config.json` lives in `glmc.hf_config`; writing one is
+`ModelSpec.to_hf_config` (below).
 
 Validation is strict: no coercion (`"64"` or `true` is not an integer), no NaN or infinity, and
 every size has an upper bound far above any real model (a table below) so that an absurd value
@@ -19,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from glmc.errors import SpecError
-from glmc.hf_config import hf_config_from_spec, spec_fields_from_hf_config
+from glmc.hf_config import HF_MODEL_TYPE, spec_fields_from_hf_config
 from glmc.untrusted import (
     check_tree,
     clip,
@@ -319,7 +320,7 @@ class ModelSpec(_Frozen):
 
     def to_hf_config(self) -> dict[str, Any]:
         """A `config.json` dict that transformers 4.5x and 5.x read identically."""
-        return hf_config_from_spec(self)
+        return _hf_config(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -345,3 +346,55 @@ def _format_validation_error(e: Any, source: str) -> str:
         parts.append(f"{loc}: {msg}")
     more = f"; and {len(errors) - _SHOWN_ERRORS} more" if len(errors) > _SHOWN_ERRORS else ""
     return f"{source}: invalid model spec: " + "; ".join(parts) + more
+
+
+def _hf_config(spec: ModelSpec) -> dict[str, Any]:
+    att, rope = spec.attention, spec.attention.rope
+    # A dense-only spec still needs valid MoE keys for Glm4MoeConfig; all layers stay dense.
+    moe = spec.moe
+    eos = spec.tokens.eos_token_id
+    cfg: dict[str, Any] = {
+        "architectures": ["Glm4MoeForCausalLM"],
+        "model_type": HF_MODEL_TYPE,
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.mlp.intermediate_size,
+        "num_hidden_layers": spec.num_layers,
+        "first_k_dense_replace": spec.num_dense_layers,
+        "num_attention_heads": att.num_heads,
+        "num_key_value_heads": att.num_kv_heads,
+        "head_dim": att.head_dim,
+        "use_qk_norm": att.qk_norm,
+        "attention_bias": att.qkv_bias,
+        "attention_dropout": 0.0,
+        "hidden_act": spec.mlp.activation,
+        "partial_rotary_factor": rope.partial_rotary_factor,
+        "rope_theta": rope.theta,
+        "rope_scaling": rope.scaling,
+        "rope_parameters": {
+            "rope_type": (rope.scaling or {}).get("rope_type", "default"),
+            **(rope.scaling or {}),
+            "rope_theta": rope.theta,
+            "partial_rotary_factor": rope.partial_rotary_factor,
+        },
+        "moe_intermediate_size": moe.intermediate_size if moe else spec.mlp.intermediate_size,
+        "n_routed_experts": moe.num_experts if moe else 1,
+        "n_shared_experts": moe.num_shared_experts if moe else 0,
+        "num_experts_per_tok": moe.top_k if moe else 1,
+        "n_group": moe.n_group if moe else 1,
+        "topk_group": moe.topk_group if moe else 1,
+        "norm_topk_prob": moe.norm_topk_prob if moe else True,
+        "routed_scaling_factor": moe.routed_scaling_factor if moe else 1.0,
+        "num_nextn_predict_layers": spec.num_mtp_layers,
+        "rms_norm_eps": spec.norm_eps,
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "initializer_range": spec.initializer_range,
+        "use_cache": True,
+        "torch_dtype": "bfloat16",
+        "pad_token_id": spec.tokens.pad_token_id,
+        "bos_token_id": spec.tokens.bos_token_id,
+        "eos_token_id": (eos[0] if len(eos) == 1 else list(eos)) if eos else None,
+        "_name_or_path": spec.name,
+    }
+    return cfg
