@@ -21,6 +21,7 @@ from .quant_config import quantization_config, recipe_of
 from .safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
+    ST_TORCH,
     SafetensorsCheckpoint,
     open_checkpoint,
     shard_name,
@@ -33,6 +34,7 @@ from .weights import TORCH_DTYPES, TensorReader, check_finite, from_hf, to_hf
 __all__ = [
     "INDEX_FILE",
     "SINGLE_FILE",
+    "ST_TORCH",
     "TORCH_DTYPES",
     "DictCheckpoint",
     "HFTensor",

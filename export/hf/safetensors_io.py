@@ -35,7 +35,10 @@ ST_TORCH: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
     "I64": torch.int64,
     "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
     "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 TORCH_ST = {v: k for k, v in ST_TORCH.items()}
 

@@ -49,6 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from glmc.errors import CheckpointError, GlmcError
+from glmc.export.hf import ST_TORCH
 from glmc.train.parallel import expert_params
 from glmc.train.plan import Dist
 
@@ -489,7 +490,6 @@ def _fill(ck: Checkpoint, key: str, target: Tensor, files: dict[Path, Any]) -> N
     stored = ck.pieces.get(key)
     if not stored:
         raise CheckpointError(f"{ck.path}: holds no {key}; it was written for another model or optimiser")
-    dtype = str(local.dtype).removeprefix("torch.")
     covered = 0
     for p in stored:
         if p.global_shape != gshape:
@@ -497,8 +497,10 @@ def _fill(ck: Checkpoint, key: str, target: Tensor, files: dict[Path, Any]) -> N
                 f"{ck.path}: {key} has shape {list(p.global_shape)} there, {list(gshape)} in this model; "
                 "it was written for another model"
             )
-        if _SAFETENSORS_DTYPES.get(p.dtype) != dtype:
-            raise CheckpointError(f"{ck.path}: {key} is {p.dtype} there, {dtype} in this run")
+        if ST_TORCH.get(p.dtype) != local.dtype:
+            raise CheckpointError(
+                f"{ck.path}: {key} is {p.dtype} there, {str(local.dtype).removeprefix('torch.')} in this run"
+            )
         lo = [max(a, b) for a, b in zip(offset, p.offset, strict=True)]
         hi = [min(a + s, b + t) for a, s, b, t in zip(offset, local.shape, p.offset, p.shape, strict=True)]
         if any(a >= b for a, b in zip(lo, hi, strict=True)):
@@ -511,13 +513,6 @@ def _fill(ck: Checkpoint, key: str, target: Tensor, files: dict[Path, Any]) -> N
     if covered != local.numel():
         how = "do not cover it" if covered < local.numel() else "overlap"
         raise CheckpointError(f"{ck.path}: the stored pieces of {key} {how}; the checkpoint is corrupt")
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-}  # fmt: skip
 
 
 def _restored_values(ck: Checkpoint, targets: dict[str, Any]) -> dict[str, Any]:
@@ -636,7 +631,7 @@ def read_model_state(path: Path) -> dict[str, Tensor]:
         for key, ps in sorted(ck.pieces.items()):
             if not key.startswith("model/"):
                 continue
-            full = torch.empty(ps[0].global_shape, dtype=getattr(torch, _SAFETENSORS_DTYPES[ps[0].dtype]))
+            full = torch.empty(ps[0].global_shape, dtype=ST_TORCH[ps[0].dtype])
             for p in ps:
                 if p.file not in files:
                     files[p.file] = stack.enter_context(safe_open(str(p.file), framework="pt"))
