@@ -16,14 +16,13 @@ from typing import Protocol
 
 import torch
 
-from glmc.ir import CheckpointError
+from glmc.ir import CheckpointError, DType
 
 from .fp8 import dequantize
 from .layout import OutTensor, Piece
 from .stream_io import TORCH_ST
 
-_FLOAT = ("F64", "F32", "BF16", "F16")
-_FP8 = ("F8_E4M3",)
+_FP8 = DType.F8E4M3.safetensors  # the FP8 weights glmc reads (E4M3, with scales)
 _SCALE_SUFFIX = {"block128": "_scale_inv", "channel": "_scale"}
 
 
@@ -118,10 +117,10 @@ class LogicalSource:
                 raise CheckpointError(
                     f"{t.name} has shape {_fmt(shape)} in {where}, expected {_fmt(t.shape)}"
                 )
-            if dt in _FP8:
+            if dt == _FP8:
                 self._check_fp8(t, where)
                 expected.add(t.name + _SCALE_SUFFIX[self.recipe or "block128"])
-            elif dt not in _FLOAT:
+            elif not _is_float(dt):
                 raise CheckpointError(f"{t.name} has dtype {dt} in {where}, expected a floating dtype")
         problems = []
         if missing:
@@ -147,7 +146,7 @@ class LogicalSource:
             raise CheckpointError(f"{t.name} is FP8 in {where} but its scales {scale} are missing")
         shape, dt = self.raw.meta(scale)
         # glmc writes fp32 scales; llm-compressor may store them in the model dtype.
-        if shape != want or dt not in _FLOAT:
+        if shape != want or not _is_float(dt):
             raise CheckpointError(
                 f"{scale} is {dt}{_fmt(shape)} in {self.raw.file_of(scale)}, expected F32{_fmt(want)} "
                 f"({self.recipe} scales of {t.name})"
@@ -218,7 +217,12 @@ class LogicalSource:
     def meta(self, name: str) -> tuple[tuple[int, ...], str]:
         loc = self.location(name)
         dt = self.raw.meta(loc.stored.name)[1]
-        return loc.piece.shape, "F32" if dt in _FP8 else dt
+        return loc.piece.shape, DType.F32.safetensors if dt == _FP8 else dt
+
+
+def _is_float(safetensors_dtype: str) -> bool:
+    d = DType.from_safetensors(safetensors_dtype)
+    return d is not None and d.is_float
 
 
 def _some(names: list[str], limit: int = 5) -> str:

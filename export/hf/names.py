@@ -18,18 +18,6 @@ from enum import Enum
 
 from glmc.ir import DType, Graph, Node, Op, Param, ParamRole
 
-# safetensors' dtype names (the `dtype` field of a safetensors header).
-SAFETENSORS_DTYPES: dict[DType, str] = {
-    DType.F64: "F64",
-    DType.F32: "F32",
-    DType.BF16: "BF16",
-    DType.F16: "F16",
-    DType.F8E4M3: "F8_E4M3",
-    DType.F8E5M2: "F8_E5M2",
-    DType.I64: "I64",
-    DType.I32: "I32",
-}
-
 _MTP = re.compile(r"^model\.mtp\.(\d+)(\..*)?$")
 
 
@@ -58,7 +46,7 @@ class HFTensor:
 
     @property
     def safetensors_dtype(self) -> str:
-        return SAFETENSORS_DTYPES[self.dtype]
+        return self.dtype.safetensors
 
 
 def hf_name(ir_name: str, num_layers: int) -> str:

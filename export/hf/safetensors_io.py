@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from glmc.ir import CheckpointError
+from glmc.ir import CheckpointError, DType
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -26,21 +26,10 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _PARTIAL_SUFFIX = ".partial"
 
-ST_TORCH: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-TORCH_ST = {v: k for k, v in ST_TORCH.items()}
+# Views of glmc.ir.DType, the one dtype table: IR dtype / safetensors name -> torch dtype.
+TORCH_DTYPES: dict[DType, torch.dtype] = {d: getattr(torch, d.torch_name) for d in DType}
+ST_TORCH: dict[str, torch.dtype] = {d.safetensors: t for d, t in TORCH_DTYPES.items()}
+TORCH_ST: dict[torch.dtype, str] = {t: s for s, t in ST_TORCH.items()}
 
 
 def shard_name(i: int, n: int) -> str:

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from glmc.ir import CheckpointError
+from glmc.ir import CheckpointError, DType
 
 from .safetensors_io import (
     INDEX_FILE,
@@ -38,7 +38,7 @@ from .safetensors_io import (
     tensor_bytes,
 )
 
-ITEMSIZE = {k: torch.empty(0, dtype=v).element_size() for k, v in ST_TORCH.items()}
+ITEMSIZE = {d.safetensors: d.itemsize for d in DType}
 
 
 def _header(path: Path) -> tuple[int, dict[str, Any]]:

@@ -13,22 +13,8 @@ import torch
 
 from glmc.ir import CheckpointError, DType, Graph, ParamRole
 
-from .names import SAFETENSORS_DTYPES, HFTensor, Part, hf_tensors
-
-TORCH_DTYPES: dict[DType, torch.dtype] = {
-    DType.F64: torch.float64,
-    DType.F32: torch.float32,
-    DType.BF16: torch.bfloat16,
-    DType.F16: torch.float16,
-    DType.F8E4M3: torch.float8_e4m3fn,
-    DType.F8E5M2: torch.float8_e5m2,
-    DType.I64: torch.int64,
-    DType.I32: torch.int32,
-}
-_ST_FROM_TORCH = {t: SAFETENSORS_DTYPES[d] for d, t in TORCH_DTYPES.items()}
-# Dtypes that convert into one another by a plain cast; anything else (FP8 needs its scales,
-# integers are not weights) must match the graph exactly.
-_CASTABLE = {"F64", "F32", "BF16", "F16"}
+from .names import HFTensor, Part, hf_tensors
+from .safetensors_io import TORCH_DTYPES, TORCH_ST
 
 
 class TensorReader(Protocol):
@@ -168,7 +154,7 @@ class _Source:
         if self.located:
             return self.located.meta(name)
         w = self.reader[name]
-        return tuple(w.shape), _ST_FROM_TORCH.get(w.dtype, str(w.dtype))
+        return tuple(w.shape), TORCH_ST.get(w.dtype, str(w.dtype))
 
     def load(self, name: str) -> torch.Tensor:
         return self.reader[name]
@@ -201,7 +187,9 @@ def _check_meta(plan: list[HFTensor], src: _Source) -> None:
                 f"{t.name} has shape {_fmt(shape)} in {src.where(t.name)}, expected {_fmt(t.shape)}"
             )
         want = t.safetensors_dtype
-        if dt != want and not (dt in _CASTABLE and want in _CASTABLE):
+        # Floating dtypes convert by a plain cast; anything else (FP8 needs its scales,
+        # integers are not weights) must match the graph exactly.
+        if dt != want and not (_castable(dt) and t.dtype.is_float):
             raise CheckpointError(
                 f"{t.name} has dtype {dt} in {src.where(t.name)}, expected {want}"
                 + (
@@ -210,6 +198,11 @@ def _check_meta(plan: list[HFTensor], src: _Source) -> None:
                     else ""
                 )
             )
+
+
+def _castable(safetensors_dtype: str) -> bool:
+    d = DType.from_safetensors(safetensors_dtype)
+    return d is not None and d.is_float
 
 
 def _target_dtype(t: HFTensor, model_dtype: DType, requested: torch.dtype | None) -> torch.dtype:
