@@ -113,10 +113,9 @@ def _worker(out: Path, argv: list[str]) -> int:
     """One rank under torchrun: `glmc train` (the CLI entry) under the probe; its record goes to
     `out/rank-R.pkl` whatever happens, so the test reports a rank's error rather than a timeout."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: `train._dist`, as pytest
-    from train._dist import Probe, ResultFile  # type: ignore[import-not-found]
-
     import glmc.train as package
     from glmc.cli import main
+    from train._dist import Probe, ResultFile  # type: ignore[import-not-found]
 
     rank = int(os.environ["RANK"])
     sink = ResultFile(out / f"rank-{rank}.pkl")
