@@ -26,6 +26,7 @@ from glmc.export.hf import (
     write_checkpoint,
 )
 from glmc.ir import CheckpointError, Graph
+from glmc.ir.naming import hf_layer, hf_name, ir_name
 from glmc.lower import lower
 from glmc.spec import ModelSpec
 
@@ -98,6 +99,18 @@ def test_mtp_layer_is_renamed_and_carries_copies(tiny: Graph) -> None:
         assert torch.equal(t, state[main])
         assert t.untyped_storage().data_ptr() != state[main].untyped_storage().data_ptr()  # a real copy
     assert not any(k.startswith(f"model.layers.{n + 1}.") for k in hf)
+
+
+def test_mtp_naming_rule_and_its_inverse(tiny: Graph) -> None:
+    n = tiny.attr("num_layers")
+    for fqn, _, _ in tiny.params():
+        assert ir_name(hf_name(fqn, n), n) == fqn
+    assert hf_name("model.mtp.0.eh_proj.weight", n) == f"model.layers.{n}.eh_proj.weight"
+    assert hf_name("model.mtp.1", n) == f"model.layers.{n + 1}"
+    assert hf_name("model.mtp_x.0", n) == "model.mtp_x.0"
+    assert ir_name(f"model.layers.{n - 1}.mlp.gate.weight", n) == f"model.layers.{n - 1}.mlp.gate.weight"
+    assert hf_layer("model.layers.12.x") == 12 and hf_layer("model.layers.1x.y") == -1
+    assert hf_layer("lm_head.weight") == -1
 
 
 def test_layout_counts_match_the_released_models() -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from glmc.ir import CheckpointError, Graph
+from glmc.ir.quant import scale_suffix
 
 from .fp8 import BLOCK
 from .layout import Piece, plan_checkpoint, rank_dir, ranks
@@ -64,8 +65,9 @@ def assemble(graph: Graph, readers: dict[str, Reader]) -> dict[str, torch.Tensor
                     s_part = scales[s_off : s_off + n].view(shape)
                     s_off += n
                     full, rows, cols = _scale_region(pc, recipe)
-                    suffix = t.scale_name[len(t.name) :] if t.scale_name else ""
-                    _whole(wholes, pc.source + suffix, full, torch.float32).put(pc.source, rows, cols, s_part)
+                    _whole(wholes, pc.source + scale_suffix(recipe), full, torch.float32).put(
+                        pc.source, rows, cols, s_part
+                    )
     incomplete = [n for n, w in wholes.items() if not bool(w.seen.all())]
     if incomplete:
         raise CheckpointError(f"the ranks do not cover {len(incomplete)} tensor(s), first {incomplete[0]}")

@@ -25,9 +25,10 @@ import itertools
 from dataclasses import dataclass
 
 from glmc.ir import DType, Graph, Node, Param, ParamRole, local_shape, mesh_of, shard_specs, stage_of
+from glmc.ir.naming import hf_name
 from glmc.ir.quant import BLOCK, cdiv, scale_suffix
 
-from .names import hf_name, resolve_tie
+from .names import resolve_tie
 
 Coords = dict[str, int]
 

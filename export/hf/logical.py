@@ -17,13 +17,13 @@ from typing import Protocol
 import torch
 
 from glmc.ir import CheckpointError, DType
+from glmc.ir.quant import scale_suffix
 
 from .fp8 import dequantize
 from .layout import OutTensor, Piece
 from .stream_io import TORCH_ST
 
 _FP8 = DType.F8E4M3.safetensors  # the FP8 weights glmc reads (E4M3, with scales)
-_SCALE_SUFFIX = {"block128": "_scale_inv", "channel": "_scale"}
 
 
 class RawCheckpoint(Protocol):
@@ -119,7 +119,7 @@ class LogicalSource:
                 )
             if dt == _FP8:
                 self._check_fp8(t, where)
-                expected.add(t.name + _SCALE_SUFFIX[self.recipe or "block128"])
+                expected.add(t.name + scale_suffix(self.recipe or "block128"))
             elif not _is_float(dt):
                 raise CheckpointError(f"{t.name} has dtype {dt} in {where}, expected a floating dtype")
         problems = []
@@ -138,7 +138,7 @@ class LogicalSource:
             )
         if len(t.shape) < 2:
             raise CheckpointError(f"{t.name} is FP8 in {where}, but only 2-D and stacked weights can be")
-        scale = t.name + _SCALE_SUFFIX[self.recipe]
+        scale = t.name + scale_suffix(self.recipe)
         per = [pc.scale_shape(self.recipe) for pc in t.pieces]
         groups = t.shape[0] if len(t.shape) == 3 else 1
         want = (*t.shape[:-2], sum(r for r, _ in per) // groups, per[0][1])
@@ -192,7 +192,7 @@ class LogicalSource:
         q = self.raw.read_range(stored, loc.offset + a0 * row, loc.offset + a1 * row).view(a1 - a0, row)
         s_cols = pc.scale_shape(self.recipe)[1]
         s0, s1 = a0 // step, -(-a1 // step)
-        scale_name = stored + _SCALE_SUFFIX[self.recipe]
+        scale_name = stored + scale_suffix(self.recipe)
         s = self.raw.read_range(scale_name, loc.scale_offset + s0 * s_cols, loc.scale_offset + s1 * s_cols)
         w = dequantize(q, s.view(s1 - s0, s_cols), self.recipe)
         return w[r0 - a0 : r1 - a0]

@@ -12,13 +12,11 @@ Three things differ from the IR (whose full parameter names are the in-memory st
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import Enum
 
 from glmc.ir import DType, Graph, Node, Op, Param, ParamRole
-
-_MTP = re.compile(r"^model\.mtp\.(\d+)(\..*)?$")
+from glmc.ir.naming import hf_name
 
 
 class Part(Enum):
@@ -47,14 +45,6 @@ class HFTensor:
     @property
     def safetensors_dtype(self) -> str:
         return self.dtype.safetensors
-
-
-def hf_name(ir_name: str, num_layers: int) -> str:
-    """The checkpoint name of an IR node or parameter name (MTP layer k -> layer num_layers + k)."""
-    m = _MTP.match(ir_name)
-    if m is None:
-        return ir_name
-    return f"model.layers.{num_layers + int(m.group(1))}{m.group(2) or ''}"
 
 
 def hf_tensors(graph: Graph) -> list[HFTensor]:

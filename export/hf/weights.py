@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from glmc.ir import CheckpointError, DType, Graph, ParamRole
+from glmc.ir.naming import hf_layer
 
 from .names import HFTensor, Part, hf_tensors
 from .safetensors_io import TORCH_DTYPES, TORCH_ST
@@ -214,18 +215,11 @@ def _target_dtype(t: HFTensor, model_dtype: DType, requested: torch.dtype | None
 
 def _mtp_hint(graph: Graph, missing: list[str], unexpected: list[str]) -> str:
     n_layers, n_mtp = int(graph.attr("num_layers")), int(graph.attr("num_mtp_layers"))
-    if missing and all(_layer_of(n) >= n_layers for n in missing):
+    if missing and all(hf_layer(n) >= n_layers for n in missing):
         return f" (the spec has num_mtp_layers={n_mtp}; does the checkpoint have MTP layers?)"
-    if unexpected and all(_layer_of(n) >= n_layers for n in unexpected):
+    if unexpected and all(hf_layer(n) >= n_layers for n in unexpected):
         return f" (the spec has num_mtp_layers={n_mtp}; the checkpoint has more MTP layers)"
     return ""
-
-
-def _layer_of(name: str) -> int:
-    parts = name.split(".")
-    if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
-        return int(parts[2])
-    return -1
 
 
 def _some(names: list[str], limit: int = 5) -> str:
