@@ -413,9 +413,16 @@ class GLMForCausalLM(nn.Module):
         """Logits [B, S, V] and, per MTP layer k, logits [B, S-k-1, V] for tokens t + k + 2.
         With `stats`, each MoE layer appends (scores, ids) for balance losses, MTP included."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        cos, sin = self.model.rope(positions)
-        h = self.model(input_ids, (cos, sin), stats)
-        logits = self.head(h)
+        rope = self.model.rope(positions)
+        h = self.model(input_ids, rope, stats)
+        return self.head(h), self.mtp_logits(input_ids, h, rope, stats)
+
+    def mtp_logits(
+        self, input_ids: Tensor, h: Tensor, rope: Rope, stats: list[tuple[Tensor, Tensor]] | None = None
+    ) -> list[Tensor]:
+        """The MTP layers from the trunk's final (normed) hidden state `h` [B, S, H]: per layer k,
+        logits [B, S-k-1, V]. A pipeline's last stage starts here (its trunk part ends in `h`)."""
+        cos, sin = rope
         mtp_logits = []
         for k, layer in enumerate(cast("list[MTPLayer]", self.model.mtp)):
             # Position t combines h_t with the embedding of token t+1 (HF uses positions t+1;
@@ -423,7 +430,7 @@ class GLMForCausalLM(nn.Module):
             emb = self.model.embed_tokens(input_ids[:, k + 1 :])
             h = layer.forward_mtp(emb, h[:, : emb.shape[1]], (cos[:, k + 1 :], sin[:, k + 1 :]), stats)
             mtp_logits.append(self.head(h))
-        return logits, mtp_logits
+        return mtp_logits
 
     # ---- inference with a KV cache (functional: caches in, grown caches out) -------------------
 
