@@ -20,6 +20,7 @@ from torch import Tensor
 
 from glmc.errors import GlmcError
 from glmc.runtime import Sampling, generate
+from glmc.runtime.backend import GraphBackend
 from glmc.runtime.decode import _accept
 from glmc.runtime.sampling import distribution, pick
 
@@ -220,12 +221,13 @@ def test_rejection_and_residual_give_the_target_distribution(s: Sampling) -> Non
     assert abs(accepted - n * rate) < 6 * math.sqrt(n * rate * (1 - rate)) + 1, (accepted, n * rate)
 
 
-class _MarkovBackend:
+class _MarkovBackend(GraphBackend):
     """A Backend whose next-token logits depend only on the current token: row x of `target`
     for the trunk, row x of `draft` for the MTP layer. The target process is then a Markov chain
     with transition distribution(target[x]); speculative decoding must reproduce that chain
     whatever the drafts. Caches hold no values (width 0), only their lengths, which the fake
-    checks against positions and masks like a real model would rely on them."""
+    checks against positions and masks like a real model would rely on them (the decoding
+    loop's static cache reaches it through the exported graphs' calling convention)."""
 
     name = "markov"
     has_mtp = True

@@ -126,6 +126,20 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return self._out(o), (k, v)
 
+    def forward_static(self, x: Tensor, rope: Rope, cache: KV, slots: Tensor, mask: Tensor) -> Tensor:
+        """Static cache: write the new tokens' k, v into the preallocated `cache` (k, v
+        [B, nkv, T, d], slot = position) at `slots` [B, S], in place, then attend over all T
+        slots under `mask` [B, 1, S, T]. Shapes never change from step to step (what a compiled
+        step and a CUDA graph need); slots a query may not see hold stale or zero entries."""
+        q, k, v = self._qkv(x, rope)
+        idx = slots[:, None, :, None].expand_as(k)  # per-row positions: rows may differ
+        cache[0].scatter_(2, idx, k)
+        cache[1].scatter_(2, idx, v)
+        o = F.scaled_dot_product_attention(
+            q, cache[0], cache[1], attn_mask=mask, scale=self.scale, enable_gqa=True
+        )
+        return self._out(o)
+
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate x) * up x). `prefix` names the parameters inside a fused MoE node
@@ -300,6 +314,10 @@ class DecoderLayer(nn.Module):
         x = x + a
         return x + self._ffn(self.post_attention_layernorm(x), None), present
 
+    def forward_static(self, x: Tensor, rope: Rope, cache: KV, slots: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.self_attn.forward_static(self.input_layernorm(x), rope, cache, slots, mask)
+        return x + self._ffn(self.post_attention_layernorm(x), None)
+
     def _ffn(self, x: Tensor, stats: list[tuple[Tensor, Tensor]] | None) -> Tensor:
         return self.mlp(x, stats) if self.is_moe else self.mlp(x)
 
@@ -335,6 +353,11 @@ class MTPLayer(DecoderLayer):
     ) -> tuple[Tensor, KV]:
         z, present = super().forward_cached(self.fuse(emb, h), rope, past, mask)
         return self.shared_head.norm(z), present
+
+    def forward_mtp_static(
+        self, emb: Tensor, h: Tensor, rope: Rope, cache: KV, slots: Tensor, mask: Tensor
+    ) -> Tensor:
+        return self.shared_head.norm(super().forward_static(self.fuse(emb, h), rope, cache, slots, mask))
 
 
 class GLMModel(nn.Module):
@@ -376,6 +399,14 @@ class GLMModel(nn.Module):
             x, present = layer.forward_cached(x, rope, kv, mask)
             presents.append(present)
         return self.norm(x), presents
+
+    def forward_static(
+        self, input_ids: Tensor, rope: Rope, cache: list[KV], slots: Tensor, mask: Tensor
+    ) -> Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer, kv in zip(cast("list[DecoderLayer]", self.layers), cache, strict=True):
+            x = layer.forward_static(x, rope, kv, slots, mask)
+        return self.norm(x)
 
 
 class GLMForCausalLM(nn.Module):
@@ -473,6 +504,40 @@ class GLMForCausalLM(nn.Module):
         z, present = mtp.forward_mtp_cached(self.model.embed_tokens(next_ids), h, rope, past, mask)
         return self.head(z), z, present
 
+    # ---- inference with a static KV cache (preallocated, written in place by position) ---------
+
+    def static_cache(self, batch: int, length: int, mtp: bool = False) -> list[KV]:
+        """Zeroed caches k, v [batch, nkv, length, d] for the trunk (or MTP) layers; slot t holds
+        position t of each row, so rows of a batch advance independently."""
+        layers = self.model.mtp if mtp else self.model.layers
+        w = self.model.embed_tokens.weight  # the activations' dtype and device (never FP8)
+        out = []
+        for layer in layers:
+            att = cast(DecoderLayer, layer).self_attn
+            out.append(
+                (w.new_zeros(batch, att.nkv, length, att.d), w.new_zeros(batch, att.nkv, length, att.d))
+            )
+        return out
+
+    def forward_static(self, input_ids: Tensor, positions: Tensor, cache: list[KV]) -> tuple[Tensor, Tensor]:
+        """input_ids [B, S] at `positions` [B, S] (per row; slot = position): writes their k, v
+        into `cache` (from `static_cache`) and returns logits [B, S, V] and the final hidden
+        state [B, S, H]. A query sees the slots at or before its own position; the caller
+        guarantees those hold that row's tokens (written earlier or in this step)."""
+        mask = static_attention_mask(positions, cache[0][0].shape[2])
+        h = self.model.forward_static(input_ids, self.model.rope(positions), cache, positions, mask)
+        return self.head(h), h
+
+    def mtp_static(
+        self, next_ids: Tensor, h: Tensor, positions: Tensor, cache: KV, layer: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """`mtp_cached` over a static MTP cache: (draft logits, MTP hidden state)."""
+        mtp = cast(MTPLayer, self.model.mtp[layer])
+        mask = static_attention_mask(positions, cache[0].shape[2])
+        rope = self.model.rope(positions)
+        z = mtp.forward_mtp_static(self.model.embed_tokens(next_ids), h, rope, cache, positions, mask)
+        return self.head(z), z
+
     @torch.no_grad()
     def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
         """Transformers' init: normal(0, std) GEMM weights and embeddings, unit norms, zero biases."""
@@ -516,6 +581,12 @@ def attention_bias_mask(past_len: int, input_ids: Tensor, attention_mask: Tensor
     if attention_mask is not None:
         mask = mask & attention_mask[:, None, None, :].bool()
     return mask
+
+
+def static_attention_mask(positions: Tensor, length: int) -> Tensor:
+    """Boolean [B, 1, S, T]: the query at position p sees cache slots 0..p of its own row."""
+    slots = torch.arange(length, device=positions.device)
+    return (slots[None, None, :] <= positions[:, :, None])[:, None]
 
 
 def _norm(n: Node) -> RMSNorm:

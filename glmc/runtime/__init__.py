@@ -4,7 +4,7 @@ that write the artifacts are targets in `glmc.export`. Imports torch on use, onn
 for onnx."""
 
 from glmc.runtime.artifact import Artifact, open_artifact
-from glmc.runtime.decode import MAX_DRAFT_TOKENS, Stats, generate
+from glmc.runtime.decode import MAX_DRAFT_TOKENS, Stats, generate, generate_batch
 from glmc.runtime.sampling import Sampling
 from glmc.tokenizer import ByteTokenizer, load_tokenizer
 
@@ -15,6 +15,7 @@ __all__ = [
     "Sampling",
     "Stats",
     "generate",
+    "generate_batch",
     "load_tokenizer",
     "open_artifact",
 ]

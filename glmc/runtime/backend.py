@@ -1,23 +1,39 @@
-"""What the decoding loop needs from an artifact: the trunk step and the MTP step over a
-functional KV cache (caches in, grown caches out), as torch tensors on CPU.
+"""What the decoding loop needs from an artifact: `steps(batch, length)`, static-cache steps
+(glmc.runtime.steps) for a batch of rows and a cache of `length` positions.
 
-Shapes: ids/positions [1, S] int64; mask [1, P+S] int64 (all ones: one stream, no padding);
-logits [1, S, V]; hidden [1, S, H]; each cache entry k, v [1, nkv, P, d].
+The exported graphs (AOTInductor, ONNX Runtime) take a functional KV cache (caches in, grown
+caches out), as torch tensors on CPU; `FunctionalSteps` keeps the static cache for them.
+Shapes: ids/positions [B, S] int64; mask [B, P+S] int64 (1 = a slot the row may see);
+logits [B, S, V]; hidden [B, S, H]; each cache entry k, v [B, nkv, P, d].
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from glmc.runtime.steps import FunctionalSteps, Steps, TorchSteps, compile_step
 from glmc.spec import ModelSpec
 
 KV = tuple[Tensor, Tensor]
 
 
 class Backend(Protocol):
+    name: str
+    spec: ModelSpec
+    max_batch: int | None  # rows one call can take (None: any)
+
+    @property
+    def has_mtp(self) -> bool: ...
+
+    def steps(self, batch: int, length: int) -> Steps: ...
+
+
+class FunctionalBackend(Protocol):
+    """A backend whose steps take the KV cache and return it grown (the exported graphs)."""
+
     name: str
     spec: ModelSpec
 
@@ -42,35 +58,41 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """The emitted torch module (a torch artifact or a Hugging Face folder), eager, fp32."""
+    """The emitted torch module (a torch artifact or a Hugging Face folder) on static caches:
+    eager, or with `compiled` the fixed-shape decode, verify and MTP steps compiled once per
+    shape (CUDA graphs on CUDA). Its dtype is the module's."""
 
     name = "torch"
+    max_batch: int | None = None
+    # Steps of at most this many tokens per row are the fixed-shape ones (decode, verify, MTP).
+    max_fixed_tokens = 9
 
-    def __init__(self, model: torch.nn.Module, spec: ModelSpec) -> None:
-        self.model = model.eval()
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec, compiled: bool = False) -> None:
+        self.model: Any = model.eval()
         self.spec = spec
+        self.compiled = compiled
+        self._steps: dict[tuple[int, int], TorchSteps] = {}
+        self.compiled_trunk: Any = None
+        self.compiled_mtp: Any = None
+        if compiled:
+            cuda = self.model.model.embed_tokens.weight.device.type == "cuda"
+            # One graph per (kind, batch, tokens, cache length): more than Dynamo's default
+            # of 8 per function once batch sizes and draft counts vary in one process.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.compiled_trunk = compile_step(self.model.forward_static, cuda)
+            self.compiled_mtp = compile_step(self.model.mtp_static, cuda)
 
     @property
     def has_mtp(self) -> bool:
-        return len(self.model.model.mtp) > 0  # type: ignore[union-attr, arg-type]
+        return len(self.model.model.mtp) > 0
 
-    def empty_cache(self) -> list[KV]:
-        return self.model.empty_cache(1)  # type: ignore[operator]
-
-    def empty_mtp_cache(self) -> KV:
-        return self.model.empty_cache(1, mtp=True)[0]  # type: ignore[operator]
-
-    @torch.inference_mode()
-    def forward(
-        self, ids: Tensor, positions: Tensor, past: list[KV], mask: Tensor
-    ) -> tuple[Tensor, Tensor, list[KV]]:
-        return self.model.forward_cached(ids, positions, past, mask)  # type: ignore[operator]
-
-    @torch.inference_mode()
-    def mtp(
-        self, ids: Tensor, h: Tensor, positions: Tensor, past: KV, mask: Tensor
-    ) -> tuple[Tensor, Tensor, KV]:
-        return self.model.mtp_cached(ids, h, positions, past, mask)  # type: ignore[operator]
+    def steps(self, batch: int, length: int) -> Steps:
+        """Caches are kept per (batch, length) so repeated calls reuse them (and, compiled,
+        the graphs captured on their addresses)."""
+        key = (batch, length)
+        if key not in self._steps:
+            self._steps[key] = TorchSteps(self, batch, length)
+        return self._steps[key]
 
 
 class GraphBackend:
@@ -79,6 +101,10 @@ class GraphBackend:
 
     spec: ModelSpec
     _mtp: object | None
+    max_batch: int | None = None
+
+    def steps(self, batch: int, length: int) -> Steps:
+        return FunctionalSteps(self, batch, length)
 
     @property
     def has_mtp(self) -> bool:

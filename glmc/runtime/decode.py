@@ -1,14 +1,23 @@
-"""The decoding loop: prefill, then plain decode or MTP speculation, over any Backend.
+"""The decoding loop: prefill, then plain decode or MTP speculation, over any Backend, for one
+prompt or a batch of prompts of different lengths (each row stops at its own EOS or budget).
+
+The loop runs on static-cache steps (glmc.runtime.steps): slot t of a row's cache holds its
+position t, so rows advance independently, and after the prefill every step has the same
+shape (plain: 1 token per row; speculation: a K+1-token verify, a K+1-token MTP catch-up and
+1-token MTP drafts), which is what lets the torch backend compile each once.
 
 Speculation (DeepSeek-V3 / GLM-4.5 MTP, one MTP layer reused for K drafts as TensorRT-LLM's
-MTP-Eagle and SGLang do). Invariant at the top of a round: `seq` holds every committed token;
-the trunk cache covers seq[:-1]; `pending_h` holds trunk hidden states of the positions the
-MTP cache does not cover yet (the MTP layer at position t reads h_t and token t+1).
-1. catch up: one MTP call over the pending positions; its last logits give draft d1;
-2. chain: K-1 more MTP calls, each on the previous MTP hidden state and draft (the
-   speculative MTP cache entries are dropped afterwards: they saw drafts, not the trunk);
+MTP-Eagle and SGLang do). Invariant per row at the top of a round: `seq` holds every committed
+token (n of them); the trunk cache covers positions 0..n-2; `pending` holds the trunk hidden
+states of the positions the MTP cache does not cover yet (the MTP layer at position t reads
+h_t and token t+1). Right after the prefill one MTP call covers the whole prompt.
+1. catch up: one MTP call over the pending positions (1..K+1 of them, padded to K+1); the
+   logits at the last real one give draft d1;
+2. chain: K-1 more MTP calls, each on the previous MTP hidden state and draft (what they
+   write into the MTP cache saw drafts, not the trunk: the next catch-up writes over it);
 3. verify: one trunk forward over [seq[-1], d1..dK]; keep the longest accepted prefix plus
-   the trunk's own next token; cut the trunk cache back to the committed tokens.
+   the trunk's own next token (cut to the row's budget); entries of rejected drafts stay in
+   the cache past the row's tokens until the next verify overwrites them.
 Greedy acceptance is exact match, so greedy output equals plain greedy decoding. Sampling
 uses speculative sampling (accept d with prob min(1, p(d)/q(d)), else draw from
 norm(max(p - q, 0))), which leaves the output distribution unchanged.
@@ -23,7 +32,7 @@ import torch
 from torch import Tensor
 
 from glmc.errors import GlmcError
-from glmc.runtime.backend import KV, Backend
+from glmc.runtime.backend import Backend
 from glmc.runtime.sampling import Sampling, distribution, pick
 
 MAX_DRAFT_TOKENS = 8
@@ -35,17 +44,20 @@ class Stats:
     new_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    compile_s: float = 0.0  # compiling and warming up the fixed-shape steps (before timing)
+    batch: int = 1
     rounds: int = 0  # trunk forwards after prefill
-    accepted_per_round: list[int] = field(default_factory=list)  # tokens committed per round
+    accepted_per_round: list[int] = field(default_factory=list)  # tokens committed per row and round
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """Tokens after the first (which prefill produces) per second of decoding."""
-        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 and self.new_tokens > 1 else 0.0
+        """Tokens after each row's first (which prefill produces) per second of decoding."""
+        after = self.new_tokens - self.batch
+        return after / self.decode_s if self.decode_s > 0 and after > 0 else 0.0
 
     @property
     def mean_acceptance_length(self) -> float:
-        """Tokens committed per trunk forward in decode (1.0 without speculation)."""
+        """Tokens committed per row and trunk forward in decode (1.0 without speculation)."""
         a = self.accepted_per_round
         return sum(a) / len(a) if a else 0.0
 
@@ -59,79 +71,193 @@ def generate(
     eos_token_ids: tuple[int, ...] = (),
 ) -> tuple[list[int], Stats]:
     """New tokens after `prompt` (at most max_new_tokens, fewer at EOS or the context end)."""
-    context = backend.spec.max_position_embeddings
-    _check(backend, prompt, max_new_tokens, draft_tokens, context)
-    gen = sampling.generator()
-    stats = Stats(prompt_tokens=len(prompt))
-    seq = list(prompt)
-    t0 = time.perf_counter()
-    logits, h, past = backend.forward(_ids(seq), _pos(0, len(seq)), backend.empty_cache(), _mask(len(seq)))
-    _require_finite(backend, logits[0, -1:], len(seq) - 1)
-    seq.append(pick(logits[0, -1], sampling, gen))
-    stats.prefill_s = time.perf_counter() - t0
-    limit = min(len(prompt) + max_new_tokens, context)
-    pending_h, mtp_past = h, backend.empty_mtp_cache()
-    t0 = time.perf_counter()
-    while len(seq) < limit and seq[-1] not in eos_token_ids:
-        k = min(draft_tokens, limit - len(seq) - 1, context - len(seq))
-        if k <= 0:
-            logits, _, past = backend.forward(_ids(seq[-1:]), _pos(len(seq) - 1, 1), past, _mask(len(seq)))
-            _require_finite(backend, logits[0, -1:], len(seq) - 1)
-            new = [pick(logits[0, -1], sampling, gen)]
-        else:
-            new, past, pending_h, mtp_past = _speculate(
-                backend, seq, past, pending_h, mtp_past, k, sampling, gen
-            )
-        stats.rounds += 1
-        stats.accepted_per_round.append(len(new))
-        seq += new
-    stats.decode_s = time.perf_counter() - t0
-    out = seq[len(prompt) :][:max_new_tokens]
-    for i, t in enumerate(out):
-        if t in eos_token_ids:
-            out = out[: i + 1]
-            break
-    stats.new_tokens = len(out)
+    (out,), stats = generate_batch(backend, [prompt], max_new_tokens, sampling, draft_tokens, eos_token_ids)
     return out, stats
 
 
-def _speculate(
+def generate_batch(
     backend: Backend,
-    seq: list[int],
-    past: list[KV],
-    pending_h: Tensor,
-    mtp_past: KV,
-    k: int,
-    s: Sampling,
-    gen: torch.Generator,
-) -> tuple[list[int], list[KV], Tensor, KV]:
-    n = len(seq)
-    m0 = mtp_past[0].shape[2]  # MTP positions already cached: 0..m0-1; pending: m0..n-2
-    lg, z, mtp_past = backend.mtp(
-        _ids(seq[m0 + 1 : n]), pending_h, _pos(m0, n - 1 - m0), mtp_past, _mask(n - 1)
-    )
-    drafts: list[int] = []
-    qs: list[Tensor] = []
-    chain_past, z_last, d_logits = mtp_past, z[:, -1:], lg[0, -1]
-    for j in range(k):
-        if j > 0:
-            lg, z_last, chain_past = backend.mtp(
-                _ids(drafts[-1:]), z_last, _pos(n - 2 + j, 1), chain_past, _mask(n - 1 + j)
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),  # noqa: B008 (frozen dataclass: a safe default)
+    draft_tokens: int = 0,
+    eos_token_ids: tuple[int, ...] = (),
+) -> tuple[list[list[int]], Stats]:
+    """New tokens after each prompt, all prompts decoded together (greedy output equals each
+    prompt decoded alone). A backend that takes one row at a time decodes them in turn."""
+    if not prompts:
+        raise GlmcError("no prompts: give at least one")
+    context = backend.spec.max_position_embeddings
+    for i, p in enumerate(prompts):
+        _check(
+            backend, p, max_new_tokens, draft_tokens, context, f"prompt {i + 1}: " if len(prompts) > 1 else ""
+        )
+    if backend.max_batch is not None and len(prompts) > backend.max_batch:
+        outs: list[list[int]] = []
+        total = Stats(batch=0)
+        for i in range(0, len(prompts), backend.max_batch):
+            o, st = generate_batch(
+                backend,
+                prompts[i : i + backend.max_batch],
+                max_new_tokens,
+                sampling,
+                draft_tokens,
+                eos_token_ids,
             )
-            d_logits = lg[0, -1]
-        _require_finite(backend, d_logits[None], n - 1 + j, "MTP draft")
-        if s.greedy:
-            drafts.append(int(d_logits.argmax()))
-        else:
-            q = distribution(d_logits, s)
-            qs.append(q)
-            drafts.append(int(torch.multinomial(q, 1, generator=gen)))
-    logits, h, grown = backend.forward(_ids([seq[-1], *drafts]), _pos(n - 1, k + 1), past, _mask(n + k))
-    _require_finite(backend, logits[0], n - 1)
-    new = _accept(logits[0], drafts, qs, s, gen)
-    keep = n + len(new) - 1  # trunk entries for positions 0..n-2+len(new)
-    past = [(kk[:, :, :keep], vv[:, :, :keep]) for kk, vv in grown]
-    return new, past, h[:, : len(new)], mtp_past
+            outs += o
+            _add(total, st)
+        return outs, total
+    with torch.inference_mode():
+        return _Loop(backend, prompts, max_new_tokens, sampling, draft_tokens, eos_token_ids).run()
+
+
+def _add(total: Stats, st: Stats) -> None:
+    total.prompt_tokens += st.prompt_tokens
+    total.new_tokens += st.new_tokens
+    total.prefill_s += st.prefill_s
+    total.decode_s += st.decode_s
+    total.compile_s += st.compile_s
+    total.batch += st.batch
+    total.rounds += st.rounds
+    total.accepted_per_round += st.accepted_per_round
+
+
+class _Loop:
+    def __init__(
+        self,
+        backend: Backend,
+        prompts: list[list[int]],
+        max_new: int,
+        sampling: Sampling,
+        k: int,
+        eos: tuple[int, ...],
+    ) -> None:
+        self.backend, self.s, self.k, self.eos = backend, sampling, k, eos
+        self.prompts = prompts
+        self.b = len(prompts)
+        context = backend.spec.max_position_embeddings
+        self.limit = [min(len(p) + max_new, context) for p in prompts]
+        self.max_new = max_new
+        # Verify writes up to position n-1+K < limit+K; drafts past a row's budget are computed
+        # (shapes stay fixed) and never committed.
+        self.steps = backend.steps(self.b, _bucket(max(self.limit) + k + 1))
+        self.gen = sampling.generator()
+        self.seq = [list(p) for p in prompts]
+        self.stats = Stats(prompt_tokens=sum(map(len, prompts)), batch=self.b)
+
+    def done(self, r: int) -> bool:
+        return len(self.seq[r]) >= self.limit[r] or self.seq[r][-1] in self.eos
+
+    def run(self) -> tuple[list[list[int]], Stats]:
+        st = self.stats
+        st.compile_s = self.steps.warm_up(self.k)
+        t0 = time.perf_counter()
+        lens = [len(p) for p in self.prompts]
+        width = max(lens)
+        pos = torch.arange(width).expand(self.b, width).contiguous()
+        logits, h = self.steps.trunk(_ids([_pad(p, width) for p in self.seq]), pos, prefill=True)
+        for r, n in enumerate(lens):
+            _require_finite(self.backend, logits[r, n - 1 : n], n - 1)
+            self.seq[r].append(pick(logits[r, n - 1], self.s, self.gen))
+        st.prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        active = [r for r in range(self.b) if not self.done(r)]
+        if active and self.k:
+            self._speculate(h, width)
+        elif active:
+            self._plain()
+        st.decode_s = time.perf_counter() - t0
+        outs = []
+        for r, p in enumerate(self.prompts):
+            out = self.seq[r][len(p) :][: self.max_new]
+            for i, t in enumerate(out):
+                if t in self.eos:
+                    out = out[: i + 1]
+                    break
+            outs.append(out)
+        st.new_tokens = sum(map(len, outs))
+        return outs, st
+
+    def _plain(self) -> None:
+        while True:
+            active = [r for r in range(self.b) if not self.done(r)]
+            if not active:
+                return
+            ids = _ids([[q[-1]] for q in self.seq])
+            pos = torch.tensor([[len(q) - 1] for q in self.seq])
+            logits, _ = self.steps.trunk(ids, pos)
+            for r in active:
+                n = len(self.seq[r])
+                _require_finite(self.backend, logits[r], n - 1)
+                self.seq[r].append(pick(logits[r, 0], self.s, self.gen))
+                self.stats.accepted_per_round.append(1)
+            self.stats.rounds += 1
+
+    def _speculate(self, h: Tensor, width: int) -> None:
+        k, s, gen = self.k, self.s, self.gen
+        # MTP over the whole prompt: position t reads h_t and token t+1 (the last one the pick).
+        pos = torch.arange(width).expand(self.b, width).contiguous()
+        lg, z = self.steps.mtp(_ids([_pad(q[1:], width) for q in self.seq]), h, pos, prefill=True)
+        last = [len(p) - 1 for p in self.prompts]  # index of the catch-up's last real position
+        while True:
+            active = [r for r in range(self.b) if not self.done(r)]
+            if not active:
+                return
+            drafts: list[list[int]] = [[] for _ in range(self.b)]
+            qs: list[list[Tensor]] = [[] for _ in range(self.b)]
+            z_last = torch.stack([z[r, last[r]] for r in range(self.b)])[:, None]
+            d_logits = torch.stack([lg[r, last[r]] for r in range(self.b)])
+            for j in range(k):
+                if j > 0:
+                    ids = _ids([[d[-1]] for d in drafts])
+                    pos = torch.tensor([[len(q) - 2 + j] for q in self.seq])
+                    lg1, z_last = self.steps.mtp(ids, z_last, pos)
+                    d_logits = lg1[:, 0]
+                for r in range(self.b):
+                    if r in active:
+                        _require_finite(
+                            self.backend, d_logits[r][None], len(self.seq[r]) - 1 + j, "MTP draft"
+                        )
+                    if s.greedy:
+                        drafts[r].append(int(d_logits[r].argmax()))
+                    elif r in active:
+                        q = distribution(d_logits[r], s)
+                        qs[r].append(q)
+                        drafts[r].append(int(torch.multinomial(q, 1, generator=gen)))
+                    else:
+                        drafts[r].append(0)
+            ids = _ids([[q[-1], *d] for q, d in zip(self.seq, drafts, strict=True)])
+            pos = torch.stack([torch.arange(len(q) - 1, len(q) + k) for q in self.seq])
+            logits, hv = self.steps.trunk(ids, pos)
+            pending = [1] * self.b
+            for r in active:
+                n = len(self.seq[r])
+                _require_finite(self.backend, logits[r], n - 1)
+                new = _accept(logits[r], drafts[r], qs[r], s, gen)[: self.limit[r] - n]
+                self.seq[r] += new
+                pending[r] = len(new)
+                self.stats.accepted_per_round.append(len(new))
+            self.stats.rounds += 1
+            if all(self.done(r) for r in range(self.b)):
+                return
+            # Catch-up: the pending positions n_old-1 .. n-2 of each row, padded to K+1.
+            start = [len(q) - 1 - c for q, c in zip(self.seq, pending, strict=True)]
+            ids = _ids(
+                [_pad(q[m + 1 : m + 1 + c], k + 1) for q, m, c in zip(self.seq, start, pending, strict=True)]
+            )
+            pos = torch.stack([torch.arange(m, m + k + 1) for m in start])
+            lg, z = self.steps.mtp(ids, hv, pos)
+            last = [c - 1 for c in pending]
+
+
+def _bucket(n: int) -> int:
+    """Cache length rounded up (to a multiple of 64), so nearby requests share compiled steps."""
+    return -(-n // 64) * 64
+
+
+def _pad(tokens: list[int], width: int) -> list[int]:
+    """Right padding with token 0: padded positions sit past the row's tokens (see steps)."""
+    return [*tokens, *[0] * (width - len(tokens))]
 
 
 def _accept(
@@ -168,16 +294,18 @@ def _require_finite(backend: Backend, logits: Tensor, position: int, what: str =
     )
 
 
-def _check(backend: Backend, prompt: list[int], max_new: int, draft_tokens: int, context: int) -> None:
+def _check(
+    backend: Backend, prompt: list[int], max_new: int, draft_tokens: int, context: int, which: str = ""
+) -> None:
     if not prompt:
-        raise GlmcError("the prompt is empty: give at least one token")
+        raise GlmcError(f"{which}the prompt is empty: give at least one token")
     vocab = backend.spec.vocab_size
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
-        raise GlmcError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        raise GlmcError(f"{which}prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
     if len(prompt) >= context:
         raise GlmcError(
-            f"the prompt has {len(prompt)} tokens but the model's context is {context} "
+            f"{which}the prompt has {len(prompt)} tokens but the model's context is {context} "
             "(max_position_embeddings): shorten the prompt"
         )
     if max_new < 1:
@@ -192,13 +320,5 @@ def _check(backend: Backend, prompt: list[int], max_new: int, draft_tokens: int,
         )
 
 
-def _ids(tokens: list[int]) -> Tensor:
-    return torch.tensor([tokens], dtype=torch.int64)
-
-
-def _pos(start: int, n: int) -> Tensor:
-    return torch.arange(start, start + n, dtype=torch.int64)[None]
-
-
-def _mask(total: int) -> Tensor:
-    return torch.ones(1, total, dtype=torch.int64)
+def _ids(rows: list[list[int]]) -> Tensor:
+    return torch.tensor(rows, dtype=torch.int64)
