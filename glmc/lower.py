@@ -9,7 +9,28 @@ from __future__ import annotations
 
 import json
 
-from glmc.ir import DType, Graph, Node, Op, Param, ParamRole, make_attrs, verify
+from glmc.ir import (
+    AddAttrs,
+    AttentionAttrs,
+    ConcatAttrs,
+    DType,
+    EmbedAttrs,
+    ExpertsAttrs,
+    Graph,
+    GraphAttrs,
+    InputAttrs,
+    LinearAttrs,
+    LmHeadAttrs,
+    MlpAttrs,
+    Node,
+    Op,
+    OutputAttrs,
+    Param,
+    ParamRole,
+    RmsNormAttrs,
+    RouterAttrs,
+    verify,
+)
 from glmc.spec import ModelSpec
 
 
@@ -34,22 +55,22 @@ class _Lowering:
 
     def run(self) -> Graph:
         s = self.spec
-        x = self.add(Node("input_ids", Op.INPUT, attrs=make_attrs(name="input_ids")))
+        x = self.add(Node("input_ids", Op.INPUT, attrs=InputAttrs(name="input_ids")))
         x = self.embed("model.embed_tokens", x, tied_to=None, layer=None)
         for i in range(s.num_layers):
             x = self.block(f"model.layers.{i}", x, layer=i, moe=i >= s.num_dense_layers)
         h = self.norm("model.norm", x, self.h, layer=None)
         head_tied = "model.embed_tokens.weight" if s.tie_word_embeddings else None
         logits = self.head("lm_head", h, tied_to=head_tied, layer=None, in_checkpoint=head_tied is None)
-        self.add(Node("logits", Op.OUTPUT, (logits,), attrs=make_attrs(name="logits")))
+        self.add(Node("logits", Op.OUTPUT, (logits,), attrs=OutputAttrs(name="logits")))
         main_head = head_tied or "lm_head.weight"
         for k in range(s.num_mtp_layers):
             h = self.mtp(k, h, main_head)
         return Graph(
             s.name,
             tuple(self.nodes),
-            make_attrs(
-                dtype=str(self.dt),
+            GraphAttrs(
+                dtype=self.dt,
                 vocab_size=s.vocab_size,
                 hidden_size=self.h,
                 num_layers=s.num_layers,
@@ -66,7 +87,7 @@ class _Lowering:
     def embed(self, name: str, x: str, tied_to: str | None, layer: int | None) -> str:
         w = Param("weight", (self.spec.vocab_size, self.h), self.dt, ParamRole.EMBEDDING, tied_to=tied_to)
         return self.add(
-            Node(name, Op.EMBED, (x,), (w,), make_attrs(vocab=self.spec.vocab_size, dim=self.h, layer=layer))
+            Node(name, Op.EMBED, (x,), (w,), EmbedAttrs(vocab=self.spec.vocab_size, dim=self.h, layer=layer))
         )
 
     def head(
@@ -77,27 +98,27 @@ class _Lowering:
             w = w.with_attrs(checkpoint=False)
         return self.add(
             Node(
-                name, Op.LM_HEAD, (x,), (w,), make_attrs(vocab=self.spec.vocab_size, dim=self.h, layer=layer)
+                name, Op.LM_HEAD, (x,), (w,), LmHeadAttrs(vocab=self.spec.vocab_size, dim=self.h, layer=layer)
             )
         )
 
     def norm(self, name: str, x: str, dim: int, layer: int | None) -> str:
         w = self.p("weight", (dim,), ParamRole.NORM)
         return self.add(
-            Node(name, Op.RMSNORM, (x,), (w,), make_attrs(dim=dim, eps=self.spec.norm_eps, layer=layer))
+            Node(name, Op.RMSNORM, (x,), (w,), RmsNormAttrs(dim=dim, eps=self.spec.norm_eps, layer=layer))
         )
 
     def block(self, name: str, x: str, layer: int, moe: bool) -> str:
         n = self.norm(f"{name}.input_layernorm", x, self.h, layer)
         a = self.attention(f"{name}.self_attn", n, layer)
-        x = self.add(Node(f"{name}.attn_residual", Op.ADD, (x, a), attrs=make_attrs(layer=layer)))
+        x = self.add(Node(f"{name}.attn_residual", Op.ADD, (x, a), attrs=AddAttrs(layer=layer)))
         n = self.norm(f"{name}.post_attention_layernorm", x, self.h, layer)
         f = (
             self.moe(f"{name}.mlp", n, layer)
             if moe
             else self.mlp(f"{name}.mlp", n, self.spec.mlp.intermediate_size, layer)
         )
-        return self.add(Node(name, Op.ADD, (x, f), attrs=make_attrs(layer=layer)))
+        return self.add(Node(name, Op.ADD, (x, f), attrs=AddAttrs(layer=layer)))
 
     def attention(self, name: str, x: str, layer: int) -> str:
         att = self.spec.attention
@@ -118,7 +139,7 @@ class _Lowering:
                 self.p("k_norm.weight", (d,), ParamRole.NORM),
             ]
         scaling = att.rope.scaling
-        attrs = make_attrs(
+        attrs = AttentionAttrs(
             hidden=h,
             num_heads=nh,
             num_kv_heads=nkv,
@@ -139,7 +160,7 @@ class _Lowering:
             self.p("up_proj.weight", (inter, self.h), ParamRole.WEIGHT),
             self.p("down_proj.weight", (self.h, inter), ParamRole.WEIGHT),
         )
-        attrs = make_attrs(
+        attrs = MlpAttrs(
             hidden=self.h, intermediate_size=inter, activation=self.spec.mlp.activation, layer=layer
         )
         return self.add(Node(name, Op.MLP, (x,), params, attrs))
@@ -158,7 +179,7 @@ class _Lowering:
                 Op.ROUTER,
                 (x,),
                 tuple(router_params),
-                make_attrs(
+                RouterAttrs(
                     hidden=self.h,
                     num_experts=e,
                     top_k=m.top_k,
@@ -181,7 +202,7 @@ class _Lowering:
                     Param("gate_up_proj", (e, 2 * i, self.h), self.dt, ParamRole.EXPERT),
                     Param("down_proj", (e, self.h, i), self.dt, ParamRole.EXPERT),
                 ),
-                make_attrs(
+                ExpertsAttrs(
                     hidden=self.h,
                     num_experts=e,
                     top_k=m.top_k,
@@ -194,7 +215,7 @@ class _Lowering:
         if not m.num_shared_experts:
             return experts
         shared = self.mlp(f"{name}.shared_experts", x, i * m.num_shared_experts, layer)
-        return self.add(Node(name, Op.ADD, (experts, shared), attrs=make_attrs(layer=layer)))
+        return self.add(Node(name, Op.ADD, (experts, shared), attrs=AddAttrs(layer=layer)))
 
     def mtp(self, k: int, h_prev: str, main_head: str) -> str:
         """MTP layer k: u = eh_proj([enorm(embed(x_{t+k+1})); hnorm(h_t)]), a MoE block, then
@@ -205,24 +226,24 @@ class _Lowering:
             Node(
                 f"{name}.input_ids",
                 Op.INPUT,
-                attrs=make_attrs(name=f"mtp_input_ids.{k}", shift=k + 1, layer=layer),
+                attrs=InputAttrs(name=f"mtp_input_ids.{k}", shift=k + 1, layer=layer),
             )
         )
         e = self.embed(f"{name}.embed_tokens", ids, tied_to="model.embed_tokens.weight", layer=layer)
         e = self.norm(f"{name}.enorm", e, self.h, layer)
         hn = self.norm(f"{name}.hnorm", h_prev, self.h, layer)
-        cat = self.add(Node(f"{name}.concat", Op.CONCAT, (e, hn), attrs=make_attrs(layer=layer)))
+        cat = self.add(Node(f"{name}.concat", Op.CONCAT, (e, hn), attrs=ConcatAttrs(layer=layer)))
         u = self.add(
             Node(
                 f"{name}.eh_proj",
                 Op.LINEAR,
                 (cat,),
                 (self.p("weight", (self.h, 2 * self.h), ParamRole.WEIGHT),),
-                make_attrs(in_features=2 * self.h, out_features=self.h, layer=layer),
+                LinearAttrs(in_features=2 * self.h, out_features=self.h, layer=layer),
             )
         )
         z = self.block(name, u, layer=layer, moe=True)
         hn = self.norm(f"{name}.shared_head.norm", z, self.h, layer)
         logits = self.head(f"{name}.shared_head.head", hn, tied_to=main_head, layer=layer)
-        self.add(Node(f"mtp_logits.{k}", Op.OUTPUT, (logits,), attrs=make_attrs(name=f"mtp_logits.{k}")))
+        self.add(Node(f"mtp_logits.{k}", Op.OUTPUT, (logits,), attrs=OutputAttrs(name=f"mtp_logits.{k}")))
         return hn

@@ -11,8 +11,34 @@ from .analysis import (
     summary,
     weight_bytes,
 )
+from .attrs import (
+    AddAttrs,
+    AllGatherAttrs,
+    AllReduceAttrs,
+    AllToAllAttrs,
+    AttentionAttrs,
+    CollectiveAttrs,
+    ConcatAttrs,
+    EmbedAttrs,
+    ExpertsAttrs,
+    FfnAttrs,
+    GemmAttrs,
+    GraphAttrs,
+    InputAttrs,
+    LinearAttrs,
+    LmHeadAttrs,
+    MlpAttrs,
+    MoeAttrs,
+    NodeAttrs,
+    OutputAttrs,
+    ParamAttrs,
+    RmsNormAttrs,
+    RouterAttrs,
+    SendRecvAttrs,
+    record_of,
+)
 from .dtypes import DType
-from .errors import CheckpointError, GlmcError, SpecError
+from .errors import AttrError, CheckpointError, GlmcError, SpecError, VerifyError
 from .graph import Graph, Node, Param, ParamRole, make_attrs
 from .memory import TrainingAssumptions, per_rank_memory
 from .ops import Op
@@ -28,19 +54,43 @@ from .placement import (
 )
 from .printer import format_graph, format_node
 from .rewrite import rewrite
-from .verify import VerifyError, verify
+from .verify import verify
 
 __all__ = [
     "MESH_AXES",
+    "AddAttrs",
+    "AllGatherAttrs",
+    "AllReduceAttrs",
+    "AllToAllAttrs",
+    "AttentionAttrs",
+    "AttrError",
     "CheckpointError",
+    "CollectiveAttrs",
+    "ConcatAttrs",
     "DType",
+    "EmbedAttrs",
+    "ExpertsAttrs",
+    "FfnAttrs",
+    "GemmAttrs",
     "GlmcError",
     "Graph",
+    "GraphAttrs",
+    "InputAttrs",
+    "LinearAttrs",
+    "LmHeadAttrs",
+    "MlpAttrs",
+    "MoeAttrs",
     "Node",
+    "NodeAttrs",
     "Op",
+    "OutputAttrs",
     "Param",
+    "ParamAttrs",
     "ParamCounts",
     "ParamRole",
+    "RmsNormAttrs",
+    "RouterAttrs",
+    "SendRecvAttrs",
     "ShardSpec",
     "SpecError",
     "TrainingAssumptions",
@@ -56,6 +106,7 @@ __all__ = [
     "mesh_of",
     "node_flops",
     "per_rank_memory",
+    "record_of",
     "rewrite",
     "shard_specs",
     "stage_of",

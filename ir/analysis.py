@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .attrs import AttentionAttrs, ExpertsAttrs
 from .graph import Graph, Node, Param, ParamRole
 from .ops import Op
 
@@ -23,13 +24,14 @@ _GEMM_ROLES = (ParamRole.WEIGHT, ParamRole.ROUTER, ParamRole.OUTPUT, ParamRole.E
 
 def _active_numel(node: Node, p: Param) -> int:
     if p.role is ParamRole.EXPERT:
-        return p.numel * node.attr("top_k") // node.attr("num_experts")
+        a = ExpertsAttrs.of(node)
+        return p.numel * a.top_k // a.num_experts
     return p.numel
 
 
 def is_mtp(g: Graph, node: Node) -> bool:
-    layer = node.attr("layer", None)
-    return layer is not None and layer >= g.attr("num_layers")
+    layer = node.attrs.layer
+    return layer is not None and layer >= g.attrs.num_layers
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ def count_params(g: Graph) -> ParamCounts:
         if p.role is ParamRole.SCALE:
             continue
         n = p.numel
-        if p.attr("checkpoint", True):
+        if p.attrs.checkpoint:
             checkpoint += n
         if p.tied_to is not None:
             continue
@@ -81,7 +83,8 @@ def _gemm_flops(node: Node) -> int:
 def _attention_flops(node: Node, seq_len: int) -> int:
     # q.k and p.v over the causal context: a token at position t attends to t+1 keys, so the
     # mean context over a sequence of length S is (S + 1) / 2.
-    return 2 * 2 * node.attr("num_heads") * node.attr("head_dim") * (seq_len + 1) // 2
+    a = AttentionAttrs.of(node)
+    return 2 * 2 * a.num_heads * a.head_dim * (seq_len + 1) // 2
 
 
 def node_flops(node: Node, seq_len: int = 4096) -> int:
@@ -107,10 +110,11 @@ def flops_per_token(g: Graph, seq_len: int = 4096) -> dict[str, int]:
 
 def kv_cache_bytes_per_token(g: Graph, dtype_bytes: int | None = None) -> dict[str, int]:
     """K and V bytes one token adds to the cache, for the trunk and for the MTP layers."""
-    item = dtype_bytes if dtype_bytes is not None else _graph_itemsize(g)
+    item = dtype_bytes if dtype_bytes is not None else g.attrs.dtype.itemsize
     trunk = mtp = 0
     for n in g.find(Op.ATTENTION):
-        b = 2 * n.attr("num_kv_heads") * n.attr("head_dim") * item
+        a = AttentionAttrs.of(n)
+        b = 2 * a.num_kv_heads * a.head_dim * item
         if is_mtp(g, n):
             mtp += b
         else:
@@ -121,12 +125,6 @@ def kv_cache_bytes_per_token(g: Graph, dtype_bytes: int | None = None) -> dict[s
 def weight_bytes(g: Graph) -> int:
     """Bytes of the parameters a model instance holds, at each parameter's own dtype."""
     return sum(p.nbytes for _, _, p in g.params() if p.tied_to is None)
-
-
-def _graph_itemsize(g: Graph) -> int:
-    from .dtypes import DType
-
-    return DType.parse(g.attr("dtype", "bf16")).itemsize
 
 
 def summary(g: Graph, seq_len: int = 4096) -> dict[str, Any]:

@@ -3,45 +3,65 @@
 A `Graph` is a tuple of `Node`s in topological order. Each node produces one value named after
 the node; `inputs` name the nodes it reads. Parameters live on the node that uses them, with
 names relative to the node (`q_proj.weight`); a parameter's full name is `node.name + "." +
-param.name`, which is also its name in the emitted torch module.
+param.name`, which is also its name in the emitted torch module. Attributes are typed records
+(attrs.py): `node.attrs` is its op's record, `param.attrs` a `ParamAttrs`, `graph.attrs` a
+`GraphAttrs`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import Enum
 from functools import cached_property
 from typing import Any, TypeAlias
 
+from .attrs import GraphAttrs, NodeAttrs, ParamAttrs, Record, record_of
 from .dtypes import DType
+from .errors import AttrError
 from .ops import Op
 
-AttrValue: TypeAlias = "int | float | bool | str | tuple[AttrValue, ...] | None"
+# The untyped key/value form of attributes, still accepted on construction (converted to the
+# record) while callers move to the records.
 Attrs: TypeAlias = tuple[tuple[str, Any], ...]
 
 _MISSING: Any = object()
+_UNSET: Any = NodeAttrs()  # Node's default: the op's record with every field at its default
+_NO_PARAM_ATTRS = ParamAttrs()
 
 
 def make_attrs(**kwargs: Any) -> Attrs:
-    """Attributes as a sorted tuple of pairs: hashable, and printed in a stable order.
-    A None value means "absent" and is dropped."""
+    """Attributes as sorted (key, value) pairs, None dropped: the untyped form. Prefer the
+    records of ir/attrs.py (`AttentionAttrs(...)`), which check names and types."""
     return tuple(sorted((k, v) for k, v in kwargs.items() if v is not None))
 
 
-def _get(attrs: Attrs, key: str, default: Any, owner: str) -> Any:
-    for k, v in attrs:
-        if k == key:
-            return v
+def _typed(owner: str, make: type[Record], attrs: Any) -> Any:
+    """`attrs` as a `make` record: a tuple of pairs is converted, a record must be a `make`."""
+    try:
+        if isinstance(attrs, tuple):
+            return make(**dict(attrs))
+    except AttrError as e:
+        raise AttrError(f"{owner}: {e}") from None
+    if type(attrs) is not make:
+        raise AttrError(f"{owner}: takes {make.__name__}, got {type(attrs).__name__}")
+    return attrs
+
+
+def _updated(owner: str, attrs: Record, updates: dict[str, Any]) -> Any:
+    try:
+        return attrs.updated(**updates)
+    except AttrError as e:
+        raise AttrError(f"{owner}: {e}") from None
+
+
+def _get(owner: str, attrs: Record, key: str, default: Any) -> Any:
+    v = attrs.get(key, _MISSING)
+    if v is not _MISSING:
+        return v
     if default is _MISSING:
         raise KeyError(f"{owner} has no attribute {key!r}")
     return default
-
-
-def _set(attrs: Attrs, **updates: Any) -> Attrs:
-    merged = dict(attrs)
-    merged.update(updates)
-    return make_attrs(**merged)
 
 
 class ParamRole(Enum):
@@ -70,7 +90,10 @@ class Param:
     # Set on checkpoint-only copies of another parameter (the MTP layer's embedding and head):
     # they are written to checkpoints but share storage with `tied_to` in memory.
     tied_to: str | None = None
-    attrs: Attrs = ()
+    attrs: ParamAttrs = _NO_PARAM_ATTRS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attrs", _typed(f"param {self.name}", ParamAttrs, self.attrs))
 
     @property
     def numel(self) -> int:
@@ -84,11 +107,12 @@ class Param:
         return self.numel * self.dtype.itemsize
 
     def attr(self, key: str, default: Any = _MISSING) -> Any:
-        return _get(self.attrs, key, default, f"param {self.name}")
+        """Untyped read by name; prefer `self.attrs.<field>`."""
+        return _get(f"param {self.name}", self.attrs, key, default)
 
     def with_attrs(self, **updates: Any) -> Param:
-        """Set (or, with None, remove) annotations such as placement or quantization."""
-        return replace(self, attrs=_set(self.attrs, **updates))
+        """Set (or, with None, reset to the default) annotations such as placement or quantization."""
+        return replace(self, attrs=_updated(f"param {self.name}", self.attrs, updates))
 
 
 @dataclass(frozen=True)
@@ -97,13 +121,20 @@ class Node:
     op: Op
     inputs: tuple[str, ...] = ()
     params: tuple[Param, ...] = ()
-    attrs: Attrs = ()
+    # The record of `op` (ir/attrs.py); left out, the record with every field at its default.
+    attrs: NodeAttrs = _UNSET
+
+    def __post_init__(self) -> None:
+        attrs: Any = () if self.attrs is _UNSET else self.attrs
+        object.__setattr__(self, "attrs", _typed(f"node {self.name}", record_of(self.op), attrs))
 
     def attr(self, key: str, default: Any = _MISSING) -> Any:
-        return _get(self.attrs, key, default, f"node {self.name}")
+        """Untyped read by name; prefer `self.attrs.<field>` / `XAttrs.of(self).<field>`."""
+        return _get(f"node {self.name}", self.attrs, key, default)
 
     def with_attrs(self, **updates: Any) -> Node:
-        return replace(self, attrs=_set(self.attrs, **updates))
+        """A copy with attributes changed (keyword names checked; None resets to the default)."""
+        return replace(self, attrs=_updated(f"node {self.name}", self.attrs, updates))
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -119,13 +150,18 @@ class Node:
 class Graph:
     name: str
     nodes: tuple[Node, ...]
-    attrs: Attrs = field(default=())
+    attrs: GraphAttrs
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attrs", _typed(f"graph {self.name}", GraphAttrs, self.attrs))
 
     def attr(self, key: str, default: Any = _MISSING) -> Any:
-        return _get(self.attrs, key, default, f"graph {self.name}")
+        """Untyped read by name; prefer `self.attrs.<field>`."""
+        return _get(f"graph {self.name}", self.attrs, key, default)
 
     def with_attrs(self, **updates: Any) -> Graph:
-        return replace(self, attrs=_set(self.attrs, **updates))
+        """A copy with attributes changed (keyword names checked; None resets to the default)."""
+        return replace(self, attrs=_updated(f"graph {self.name}", self.attrs, updates))
 
     @cached_property
     def _index(self) -> dict[str, Node]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .attrs import AttentionAttrs
 from .dtypes import DType
 from .graph import Graph, Param, ParamRole
 from .ops import Op
@@ -82,25 +83,25 @@ class _Stage:
 def per_rank_memory(g: Graph, opts: TrainingAssumptions | None = None) -> dict[str, Any]:
     opts = opts or TrainingAssumptions()
     mesh = mesh_of(g)
-    n_stages, n_layers = mesh["pp"], int(g.attr("num_layers"))
+    n_stages, n_layers = mesh["pp"], g.attrs.num_layers
     stages = [_Stage() for _ in range(n_stages)]
     layers: list[set[int]] = [set() for _ in range(n_stages)]
     owner_stage = {f"{n.name}.{p.name}": stage_of(n) for n in g.nodes for p in n.params}
-    kv_item = (opts.kv or DType.parse(str(g.attr("dtype", "bf16")))).itemsize
+    kv_item = (opts.kv or g.attrs.dtype).itemsize
     for n in g.nodes:
         s = stage_of(n)
-        layer = n.attr("layer", None)
+        layer = n.attrs.layer
         if layer is not None:
-            layers[s].add(int(layer))
+            layers[s].add(layer)
         for p in n.params:
             if p.tied_to is not None and owner_stage.get(p.tied_to) == s:
                 continue  # shares the owner's storage on this stage
             stages[s].add_param(p, max_local_numel(p, mesh), replicated_over(p, mesh), opts)
         if n.op is Op.ATTENTION:
-            nkv, tp = int(n.attr("num_kv_heads")), mesh["tp"]
-            local_heads = nkv // tp if tp <= nkv else 1
-            b = 2 * local_heads * int(n.attr("head_dim")) * kv_item
-            if layer is not None and int(layer) >= n_layers:
+            a, tp = AttentionAttrs.of(n), mesh["tp"]
+            local_heads = a.num_kv_heads // tp if tp <= a.num_kv_heads else 1
+            b = 2 * local_heads * a.head_dim * kv_item
+            if layer is not None and layer >= n_layers:
                 stages[s].mtp_kv += b
             else:
                 stages[s].kv += b

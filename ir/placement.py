@@ -12,8 +12,8 @@ name. Each `ShardSpec` splits one tensor dimension over one axis:
 - `index`: an explicit list of positions per rank (the expert map of load-aware expert
   parallelism, which may hold some experts on several ranks).
 
-Encoded in a parameter's attrs as `shard=((axis, dim, segments, replicas, index), ...)`, so the
-printed IR shows every split.
+A parameter's `attrs.shard` holds its specs; the printer writes each as the tuple
+`(axis, dim, segments, replicas, index)`, so the printed IR shows every split.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .graph import Graph, Node, Param
+if TYPE_CHECKING:  # graph.py imports this module (through attrs.py) for ShardSpec
+    from .graph import Graph, Node, Param
 
 MESH_AXES = ("pp", "dp", "ep", "tp")
 
@@ -37,12 +38,8 @@ class ShardSpec:
     index: tuple[tuple[int, ...], ...] = ()
 
     def encode(self) -> tuple[Any, ...]:
+        """The printed form."""
         return (self.axis, self.dim, self.segments, self.replicas, self.index)
-
-    @classmethod
-    def decode(cls, t: Any) -> ShardSpec:
-        axis, dim, segments, replicas, index = t
-        return cls(str(axis), int(dim), tuple(segments), tuple(replicas), tuple(tuple(i) for i in index))
 
     def segment_ranges(self, size: int, rank: int) -> list[tuple[int, int]]:
         """Per segment, the [start, stop) this rank holds, relative to the segment's start."""
@@ -96,26 +93,21 @@ def _problems(spec: ShardSpec, shape: tuple[int, ...], size: int) -> tuple[str, 
 
 
 def shard_specs(p: Param) -> tuple[ShardSpec, ...]:
-    return _decode(p.attr("shard", ()))
-
-
-@lru_cache(maxsize=1024)  # a model repeats the same few placements in every layer
-def _decode(encoded: tuple[Any, ...]) -> tuple[ShardSpec, ...]:
-    return tuple(ShardSpec.decode(t) for t in encoded)
+    return p.attrs.shard
 
 
 def with_shards(p: Param, specs: tuple[ShardSpec, ...] | list[ShardSpec]) -> Param:
-    return p.with_attrs(shard=tuple(s.encode() for s in specs) or None)
+    return p.with_attrs(shard=tuple(specs))
 
 
 def mesh_of(g: Graph) -> dict[str, int]:
     """Axis sizes of the graph's mesh (all 1 when no shard pass ran)."""
-    sizes = dict(g.attr("mesh", ()))
-    return {a: int(sizes.get(a, 1)) for a in MESH_AXES}
+    sizes: dict[str, int] = dict(g.attrs.mesh)
+    return {a: sizes.get(a, 1) for a in MESH_AXES}
 
 
 def stage_of(node: Node) -> int:
-    return int(node.attr("stage", 0))
+    return node.attrs.stage or 0
 
 
 def local_shape(p: Param, mesh: Mapping[str, int], coords: Mapping[str, int]) -> tuple[int, ...]:

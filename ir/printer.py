@@ -10,10 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from .graph import Attrs, Graph, Node, Param
+from .attrs import Record
+from .dtypes import DType
+from .graph import Graph, Node, Param
+from .placement import ShardSpec
 
 
 def format_value(v: Any) -> str:
+    if isinstance(v, ShardSpec):
+        return format_value(v.encode())
+    if isinstance(v, DType):
+        return format_value(str(v))
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
@@ -28,10 +35,11 @@ def format_value(v: Any) -> str:
     return str(v)
 
 
-def format_attrs(attrs: Attrs) -> str:
-    if not attrs:
+def format_attrs(attrs: Record) -> str:
+    items = attrs.items()
+    if not items:
         return ""
-    return "{" + ", ".join(f"{k}={format_value(v)}" for k, v in attrs) + "}"
+    return "{" + ", ".join(f"{k}={format_value(v)}" for k, v in items) + "}"
 
 
 def format_param(p: Param) -> str:
@@ -39,7 +47,7 @@ def format_param(p: Param) -> str:
     extras = []
     if p.tied_to:
         extras.append(f"tied_to={p.tied_to}")
-    extras.extend(f"{k}={format_value(v)}" for k, v in p.attrs)
+    extras.extend(f"{k}={format_value(v)}" for k, v in p.attrs.items())
     if extras:
         text += " {" + ", ".join(extras) + "}"
     return text
@@ -47,8 +55,9 @@ def format_param(p: Param) -> str:
 
 def format_node(n: Node) -> str:
     line = f"%{n.name} = {n.op}({', '.join('%' + i for i in n.inputs)})"
-    if n.attrs:
-        line += " " + format_attrs(n.attrs)
+    attrs = format_attrs(n.attrs)
+    if attrs:
+        line += " " + attrs
     if n.params:
         line += " [" + ", ".join(format_param(p) for p in n.params) + "]"
     return line
@@ -56,6 +65,7 @@ def format_node(n: Node) -> str:
 
 def format_graph(g: Graph) -> str:
     head = f"graph {g.name}"
-    if g.attrs:
-        head += " " + format_attrs(g.attrs)
+    attrs = format_attrs(g.attrs)
+    if attrs:
+        head += " " + attrs
     return "\n".join([head, *("  " + format_node(n) for n in g.nodes)]) + "\n"

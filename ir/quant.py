@@ -38,9 +38,8 @@ def scale_param_name(name: str, recipe: str) -> str:
 def row_segments(p: Param) -> tuple[int, ...]:
     """The independently quantised parts of the row dim (dim -2) of a GEMM weight: the fused
     components, or for stacked experts' gate_up the gate and up halves of each expert."""
-    seg = p.attr("segments", None)
-    if seg is not None:
-        return tuple(seg)
+    if p.attrs.segments:
+        return p.attrs.segments
     rows = p.shape[-2]
     if p.role is ParamRole.EXPERT and p.name.endswith("gate_up_proj"):
         return (rows // 2, rows // 2)

@@ -1,19 +1,30 @@
 """Structural and shape checks. Every pass's output goes through `verify`; a failure names the
-node and what is wrong with it."""
+node and what is wrong with it. Attribute names, types and their mutual consistency (`top_k`
+within `num_experts`, a known mesh axis, a known FP8 recipe) are checked earlier, when a node's
+record is made (attrs.py); this file checks what needs the graph: inputs, arity, parameter
+shapes against the attributes, FP8 scales, placements against the mesh."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from .attrs import (
+    AttentionAttrs,
+    EmbedAttrs,
+    ExpertsAttrs,
+    FfnAttrs,
+    LinearAttrs,
+    LmHeadAttrs,
+    MoeAttrs,
+    RmsNormAttrs,
+    RouterAttrs,
+)
 from .dtypes import DType
+from .errors import VerifyError
 from .graph import Graph, Node, ParamRole
 from .ops import Op
-from .placement import MESH_AXES, mesh_of, shard_specs
-from .quant import RECIPES, scale_param_name, scale_shape
-
-
-class VerifyError(ValueError):
-    """The graph breaks an IR invariant."""
+from .placement import mesh_of, shard_specs
+from .quant import scale_param_name, scale_shape
 
 
 def verify(g: Graph) -> Graph:
@@ -61,21 +72,28 @@ def _shape(n: Node, name: str, shape: tuple[int, ...]) -> list[str]:
 
 
 def _check_embed(n: Node) -> list[str]:
-    return _arity(n, 1) + _shape(n, "weight", (n.attr("vocab"), n.attr("dim")))
+    a = EmbedAttrs.of(n)
+    return _arity(n, 1) + _shape(n, "weight", (a.vocab, a.dim))
+
+
+def _check_lm_head(n: Node) -> list[str]:
+    a = LmHeadAttrs.of(n)
+    return _arity(n, 1) + _shape(n, "weight", (a.vocab, a.dim))
 
 
 def _check_rmsnorm(n: Node) -> list[str]:
-    return _arity(n, 1) + _shape(n, "weight", (n.attr("dim"),))
+    return _arity(n, 1) + _shape(n, "weight", (RmsNormAttrs.of(n).dim,))
+
+
+def _check_linear(n: Node) -> list[str]:
+    a = LinearAttrs.of(n)
+    return _arity(n, 1) + _shape(n, "weight", (a.out_features, a.in_features))
 
 
 def _check_attention(n: Node) -> list[str]:
-    h, nh, nkv, d = n.attr("hidden"), n.attr("num_heads"), n.attr("num_kv_heads"), n.attr("head_dim")
+    a = AttentionAttrs.of(n)
+    h, nh, nkv, d = a.hidden, a.num_heads, a.num_kv_heads, a.head_dim
     out = _arity(n, 1)
-    if nh % nkv:
-        out.append(f"num_heads {nh} not divisible by num_kv_heads {nkv}")
-    rd = n.attr("rotary_dim")
-    if rd % 2 or not 0 < rd <= d:
-        out.append(f"rotary_dim {rd} must be even and in (0, head_dim={d}]")
     if n.has_param("qkv_proj.weight"):  # fused by a pass
         out += _shape(n, "qkv_proj.weight", ((nh + 2 * nkv) * d, h))
     else:
@@ -83,37 +101,42 @@ def _check_attention(n: Node) -> list[str]:
         out += _shape(n, "k_proj.weight", (nkv * d, h))
         out += _shape(n, "v_proj.weight", (nkv * d, h))
     out += _shape(n, "o_proj.weight", (h, nh * d))
-    if n.attr("qk_norm"):
+    if a.qk_norm:
         out += _shape(n, "q_norm.weight", (d,)) + _shape(n, "k_norm.weight", (d,))
     return out
 
 
 def _check_mlp(n: Node) -> list[str]:
-    h, i = n.attr("hidden"), n.attr("intermediate_size")
-    out = _arity(n, 1)
-    if n.has_param("gate_up_proj.weight"):
-        out += _shape(n, "gate_up_proj.weight", (2 * i, h))
+    a = FfnAttrs.of(n)
+    return _arity(n, 1) + _swiglu(n, "", a.hidden, a.intermediate_size)
+
+
+def _swiglu(n: Node, prefix: str, h: int, i: int) -> list[str]:
+    if n.has_param(prefix + "gate_up_proj.weight"):
+        out = _shape(n, prefix + "gate_up_proj.weight", (2 * i, h))
     else:
-        out += _shape(n, "gate_proj.weight", (i, h)) + _shape(n, "up_proj.weight", (i, h))
-    return out + _shape(n, "down_proj.weight", (h, i))
+        out = _shape(n, prefix + "gate_proj.weight", (i, h)) + _shape(n, prefix + "up_proj.weight", (i, h))
+    return out + _shape(n, prefix + "down_proj.weight", (h, i))
 
 
-def _check_router(n: Node) -> list[str]:
-    e, k = n.attr("num_experts"), n.attr("top_k")
-    g, tg = n.attr("n_group"), n.attr("topk_group")
-    out = _arity(n, 1) + _shape(n, "weight", (e, n.attr("hidden")))
-    if k > e:
-        out.append(f"top_k {k} exceeds num_experts {e}")
-    if e % g or tg > g:
-        out.append(f"bad grouping: num_experts {e}, n_group {g}, topk_group {tg}")
-    if n.has_param("e_score_correction_bias"):
-        out += _shape(n, "e_score_correction_bias", (e,))
+def _router_shapes(n: Node, prefix: str, a: RouterAttrs) -> list[str]:
+    out = _shape(n, prefix + "weight", (a.num_experts, a.hidden))
+    if n.has_param(prefix + "e_score_correction_bias"):
+        out += _shape(n, prefix + "e_score_correction_bias", (a.num_experts,))
     return out
 
 
+def _expert_shapes(n: Node, prefix: str, a: ExpertsAttrs) -> list[str]:
+    e, h, i = a.num_experts, a.hidden, a.intermediate_size
+    return _shape(n, prefix + "gate_up_proj", (e, 2 * i, h)) + _shape(n, prefix + "down_proj", (e, h, i))
+
+
+def _check_router(n: Node) -> list[str]:
+    return _arity(n, 1) + _router_shapes(n, "", RouterAttrs.of(n))
+
+
 def _check_experts(n: Node) -> list[str]:
-    e, h, i = n.attr("num_experts"), n.attr("hidden"), n.attr("intermediate_size")
-    out = _arity(n, 2) + _shape(n, "gate_up_proj", (e, 2 * i, h)) + _shape(n, "down_proj", (e, h, i))
+    out = _arity(n, 2) + _expert_shapes(n, "", ExpertsAttrs.of(n))
     out += [
         f"parameter {p.name} must have role expert"
         for p in n.params
@@ -123,25 +146,11 @@ def _check_experts(n: Node) -> list[str]:
 
 
 def _check_moe(n: Node) -> list[str]:
-    e, h, i = n.attr("num_experts"), n.attr("hidden"), n.attr("intermediate_size")
+    a = MoeAttrs.of(n)
     out = [] if len(n.inputs) in (1, 2) else [f"moe takes 1 input (2 with a dispatch), got {len(n.inputs)}"]
-    out += _shape(n, "gate.weight", (e, h))
-    if n.has_param("gate.e_score_correction_bias"):
-        out += _shape(n, "gate.e_score_correction_bias", (e,))
-    out += _shape(n, "experts.gate_up_proj", (e, 2 * i, h)) + _shape(n, "experts.down_proj", (e, h, i))
-    si = n.attr("shared_intermediate_size", 0)
-    if si:
-        out += _shape(n, "shared_experts.gate_up_proj.weight", (2 * si, h))
-        out += _shape(n, "shared_experts.down_proj.weight", (h, si))
-    if n.attr("top_k") > e:
-        out.append(f"top_k {n.attr('top_k')} exceeds num_experts {e}")
-    return out
-
-
-def _check_collective(n: Node) -> list[str]:
-    out = _arity(n, 1)
-    if n.attr("axis", None) not in MESH_AXES:
-        out.append(f"{n.op} needs an axis attribute, one of {', '.join(MESH_AXES)}")
+    out += _router_shapes(n, "gate.", a) + _expert_shapes(n, "experts.", a)
+    if a.shared_intermediate_size:
+        out += _swiglu(n, "shared_experts.", a.hidden, a.shared_intermediate_size)
     return out
 
 
@@ -150,16 +159,13 @@ def _check_quant(n: Node) -> list[str]:
     its weight."""
     out = []
     for p in n.params:
-        recipe = p.attr("quant", None)
+        recipe = p.attrs.quant
         if p.role is ParamRole.SCALE:
-            of = p.attr("of", None)
-            if of is None or not n.has_param(of) or n.param(of).attr("quant", None) is None:
+            of = p.attrs.of
+            if of is None or not n.has_param(of) or n.param(of).attrs.quant is None:
                 out.append(f"scale {p.name} names no quantised parameter (of={of})")
             continue
         if recipe is None:
-            continue
-        if recipe not in RECIPES:
-            out.append(f"parameter {p.name} has unknown FP8 recipe {recipe!r}")
             continue
         if p.dtype is not DType.F8E4M3:
             out.append(f"parameter {p.name} is quantised ({recipe}) but stored as {p.dtype}")
@@ -177,21 +183,13 @@ def _check_placements(g: Graph) -> list[str]:
     mesh = mesh_of(g)
     out = []
     for n in g.nodes:
-        stage = n.attr("stage", 0)
-        if not 0 <= stage < mesh["pp"]:
+        stage = n.attrs.stage or 0
+        if stage >= mesh["pp"]:
             out.append(f"{n.name}: stage {stage} outside the mesh's {mesh['pp']} pipeline stage(s)")
         for p in n.params:
             for spec in shard_specs(p):
                 out += [f"{n.name}.{p.name}: {m}" for m in spec.problems(p.shape, mesh.get(spec.axis, 1))]
     return out
-
-
-def _check_linear(n: Node) -> list[str]:
-    return _arity(n, 1) + _shape(n, "weight", (n.attr("out_features"), n.attr("in_features")))
-
-
-def _check_lm_head(n: Node) -> list[str]:
-    return _arity(n, 1) + _shape(n, "weight", (n.attr("vocab"), n.attr("dim")))
 
 
 def _check_variadic(n: Node) -> list[str]:
@@ -212,8 +210,5 @@ _CHECKS: dict[Op, Callable[[Node], list[str]]] = {
     Op.ADD: _check_variadic,
     Op.CONCAT: _check_variadic,
     Op.MOE: _check_moe,
-    Op.ALL_REDUCE: _check_collective,
-    Op.ALL_GATHER: _check_collective,
-    Op.ALL_TO_ALL: _check_collective,
-    Op.SEND_RECV: _check_collective,
+    **{op: lambda n: _arity(n, 1) for op in (Op.ALL_REDUCE, Op.ALL_GATHER, Op.ALL_TO_ALL, Op.SEND_RECV)},
 }

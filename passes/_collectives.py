@@ -12,7 +12,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from glmc.ir import Graph, Node, Op, make_attrs
+from glmc.ir import (
+    AllGatherAttrs,
+    AllReduceAttrs,
+    AllToAllAttrs,
+    CollectiveAttrs,
+    Graph,
+    Node,
+    Op,
+    SendRecvAttrs,
+)
 
 MOE_OPS = (Op.MOE, Op.EXPERTS)
 
@@ -28,7 +37,7 @@ class _Rewriter:
 
     def __init__(self, g: Graph, stages: list[tuple[int, int]], ep: int, tp: int, pp: int) -> None:
         self.g, self.ep, self.tp, self.pp = g, ep, tp, pp
-        self.n_layers = int(g.attr("num_layers"))
+        self.n_layers = g.attrs.num_layers
         self.stage_of_layer = {layer: s for s, (a, b) in enumerate(stages) for layer in range(a, b + 1)}
         self.boundaries = {f"model.layers.{b}": s for s, (_, b) in enumerate(stages[:-1])}
         # Unfused MoE: the routed and shared outputs are summed by an add node named like the
@@ -36,9 +45,9 @@ class _Rewriter:
         self.moe_adds = {n.name for n in g.nodes if n.op is Op.ADD and g.has_node(f"{n.name}.experts")}
 
     def stage(self, n: Node) -> int:
-        layer = n.attr("layer", None)
+        layer = n.attrs.layer
         if layer is not None:
-            return self.stage_of_layer.get(int(layer), self.pp - 1)
+            return self.stage_of_layer.get(layer, self.pp - 1)
         return 0 if n.name in ("input_ids", "model.embed_tokens") else self.pp - 1
 
     def run(self, nodes: list[Node]) -> list[Node]:
@@ -52,22 +61,27 @@ class _Rewriter:
             last = n.name
             if self.ep > 1 and n.op in MOE_OPS:
                 dispatch = self._collective(
-                    f"{n.name}.dispatch", Op.ALL_TO_ALL, n.inputs[0], "ep", n, "dispatch"
+                    f"{n.name}.dispatch", n.inputs[0], n, AllToAllAttrs(axis="ep", kind="dispatch")
                 )
                 out.append(dispatch)
                 inputs = (n.inputs[0], dispatch.name) if n.op is Op.MOE else (dispatch.name, *n.inputs[1:])
                 n = replace(n, inputs=inputs)
                 out.append(n)
-                out.append(self._collective(f"{n.name}.combine", Op.ALL_TO_ALL, n.name, "ep", n, "combine"))
+                combine = AllToAllAttrs(axis="ep", kind="combine")
+                out.append(self._collective(f"{n.name}.combine", n.name, n, combine))
                 last = out[-1].name
             else:
                 out.append(n)
             if self.tp > 1 and self._reduces(n):
-                out.append(self._collective(f"{n.name}.all_reduce", Op.ALL_REDUCE, last, "tp", n, "sum"))
+                out.append(
+                    self._collective(f"{n.name}.all_reduce", last, n, AllReduceAttrs(axis="tp", kind="sum"))
+                )
                 last = out[-1].name
             if self.tp > 1 and n.op is Op.LM_HEAD:
-                gather = self._collective(f"{n.name}.all_gather", Op.ALL_GATHER, last, "tp", n, "vocab")
-                out.append(gather.with_attrs(dim=-1))
+                gather = self._collective(
+                    f"{n.name}.all_gather", last, n, AllGatherAttrs(axis="tp", kind="vocab", dim=-1)
+                )
+                out.append(gather)
                 last = gather.name
             if n.name in self.boundaries:
                 src = self.boundaries[n.name]
@@ -76,7 +90,9 @@ class _Rewriter:
                         f"{n.name}.send",
                         Op.SEND_RECV,
                         (last,),
-                        attrs=make_attrs(axis="pp", kind="activations", src=src, dst=src + 1, stage=src + 1),
+                        attrs=SendRecvAttrs(
+                            axis="pp", kind="activations", src=src, dst=src + 1, stage=src + 1
+                        ),
                     )
                 )
                 last = out[-1].name
@@ -94,10 +110,8 @@ class _Rewriter:
         return n.op is Op.ADD and n.name in self.moe_adds
 
     @staticmethod
-    def _collective(name: str, op: Op, src: str, axis: str, of: Node, kind: str) -> Node:
-        return Node(
-            name,
-            op,
-            (src,),
-            attrs=make_attrs(axis=axis, kind=kind, layer=of.attr("layer", None), stage=of.attr("stage")),
-        )
+    def _collective(name: str, src: str, of: Node, attrs: CollectiveAttrs) -> Node:
+        """`attrs`' collective on `src`, in the layer and stage of node `of`."""
+        attrs = attrs.updated(layer=of.attrs.layer, stage=of.attrs.stage)
+        assert attrs.op is not None
+        return Node(name, attrs.op, (src,), attrs=attrs)

@@ -22,11 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from glmc.ir import Graph, Node, Op, Param, make_attrs
+from glmc.ir import ExpertsAttrs, FfnAttrs, Graph, MoeAttrs, Node, Op, Param, ParamAttrs, RouterAttrs
 
 from .base import Pass, PassError
-
-_ROUTER_ATTRS = ("n_group", "norm_topk_prob", "routed_scaling_factor", "scoring", "topk_group")
 
 
 @dataclass(frozen=True)
@@ -34,7 +32,7 @@ class FuseMoE(Pass):
     name: ClassVar[str] = "fuse-moe"
 
     def apply(self, graph: Graph) -> Graph:
-        if graph.attr("weight_layout", None) == "fused":
+        if graph.attrs.weight_layout == "fused":
             raise PassError("fuse-moe: the graph is already fused")
         out: list[Node] = []
         renamed: dict[str, str] = {}
@@ -73,7 +71,7 @@ def _fused(parts: list[Param], name: str) -> Param:
         (sum(rows), *first.shape[1:]),
         first.dtype,
         first.role,
-        attrs=make_attrs(fused=tuple(p.name for p in parts), segments=rows),
+        attrs=ParamAttrs(fused=tuple(p.name for p in parts), segments=rows),
     )
 
 
@@ -91,8 +89,7 @@ def _fuse_gate_up(n: Node, prefix: str) -> Node:
     by = {p.name: p for p in n.params}
     gate_up = _fused([by["gate_proj.weight"], by["up_proj.weight"]], "gate_up_proj.weight")
     gate_up = replace(gate_up, name=prefix + gate_up.name)
-    fused = gate_up.attr("fused")
-    gate_up = gate_up.with_attrs(fused=tuple(prefix + f for f in fused))
+    gate_up = gate_up.with_attrs(fused=tuple(prefix + f for f in gate_up.attrs.fused))
     down = replace(by["down_proj.weight"], name=prefix + "down_proj.weight")
     return replace(n, params=(gate_up, down))
 
@@ -113,16 +110,21 @@ def _fuse_moe_block(nodes: list[Node], i: int, renamed: dict[str, str]) -> tuple
     if i + 3 < len(nodes) and nodes[i + 2].name == shared_name and nodes[i + 3].name == base:
         shared = _fuse_gate_up(nodes[i + 2], "shared_experts.")
         params += list(shared.params)
-        shared_size = int(nodes[i + 2].attr("intermediate_size"))
+        shared_size = FfnAttrs.of(nodes[i + 2]).intermediate_size
         consumed, old_out = 4, base
-    attrs = make_attrs(
-        hidden=experts.attr("hidden"),
-        num_experts=experts.attr("num_experts"),
-        top_k=experts.attr("top_k"),
-        intermediate_size=experts.attr("intermediate_size"),
+    e, r = ExpertsAttrs.of(experts), RouterAttrs.of(router)
+    attrs = MoeAttrs(
+        hidden=e.hidden,
+        num_experts=e.num_experts,
+        top_k=e.top_k,
+        intermediate_size=e.intermediate_size,
         shared_intermediate_size=shared_size,
-        activation=experts.attr("activation"),
-        layer=experts.attr("layer", None),
-        **{k: router.attr(k) for k in _ROUTER_ATTRS},
+        activation=e.activation,
+        layer=e.layer,
+        n_group=r.n_group,
+        norm_topk_prob=r.norm_topk_prob,
+        routed_scaling_factor=r.routed_scaling_factor,
+        scoring=r.scoring,
+        topk_group=r.topk_group,
     )
     return Node(base, Op.MOE, (x,), tuple(params), attrs), consumed, old_out

@@ -40,9 +40,9 @@ from glmc.ir import (
     Graph,
     Node,
     Param,
+    ParamAttrs,
     ParamRole,
     ShardSpec,
-    make_attrs,
     mesh_of,
     shard_specs,
     with_shards,
@@ -79,9 +79,9 @@ class QuantizeFP8(Pass):
         return [p.strip() for p in self.exclude.split("|") if p.strip()]
 
     def apply(self, graph: Graph) -> Graph:
-        if graph.attr("quantization", None) is not None:
-            raise PassError(f"quantize-fp8: the graph is already quantised ({graph.attr('quantization')})")
-        n_layers = int(graph.attr("num_layers"))
+        if graph.attrs.quantization is not None:
+            raise PassError(f"quantize-fp8: the graph is already quantised ({graph.attrs.quantization})")
+        n_layers = graph.attrs.num_layers
         user = self.patterns()
         used: set[str] = set()
         nodes = []
@@ -105,7 +105,7 @@ class QuantizeFP8(Pass):
                 f"quantize-fp8: exclude pattern {unused[0]!r} matches no GEMM weight; patterns match names "
                 "such as model.layers.3.mlp.shared_experts.* or *.self_attn.o_proj"
             )
-        return graph.replace_nodes(nodes).with_attrs(quantization=self.recipe, fp8_kept=tuple(kept) or None)
+        return graph.replace_nodes(nodes).with_attrs(quantization=self.recipe, fp8_kept=tuple(kept))
 
     def _serving_misfits(self, g: Graph, n: Node, chosen: list[Param], n_layers: int) -> dict[str, str]:
         """Chosen weights whose per-rank block layout the serving stacks refuse -> why; a q/k/v or
@@ -151,7 +151,7 @@ class QuantizeFP8(Pass):
                 scale_shape(p, self.recipe),
                 DType.F32,
                 ParamRole.SCALE,
-                attrs=make_attrs(of=p.name),
+                attrs=ParamAttrs(of=p.name),
             )
             specs = _scale_specs(p, self.recipe)
             params += [q, with_shards(scale, specs) if specs else scale]

@@ -5,21 +5,33 @@ import pytest
 
 from glmc import presets
 from glmc.ir import (
+    AllReduceAttrs,
+    AttentionAttrs,
+    AttrError,
     DType,
+    ExpertsAttrs,
     Graph,
+    GraphAttrs,
+    InputAttrs,
+    LinearAttrs,
+    MoeAttrs,
     Node,
     Op,
+    OutputAttrs,
     Param,
+    ParamAttrs,
     ParamRole,
+    RouterAttrs,
+    ShardSpec,
     VerifyError,
     count_params,
     flops_per_token,
     format_graph,
     kv_cache_bytes_per_token,
-    make_attrs,
     rewrite,
     verify,
 )
+from glmc.ir.printer import format_param
 from glmc.lower import lower
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -99,8 +111,21 @@ def test_graph_is_frozen_and_replace_makes_copies():
     n = g.nodes[1]
     with pytest.raises(AttributeError):
         n.name = "x"  # type: ignore[misc]
-    m = n.with_attrs(note="hi")
-    assert m.attr("note") == "hi" and n.attr("note", None) is None
+    m = n.with_attrs(layer=7)
+    assert m.attrs.layer == 7 and n.attrs.layer is None
+
+
+_GRAPH_ATTRS = GraphAttrs(
+    dtype=DType.F32,
+    vocab_size=4,
+    hidden_size=4,
+    num_layers=1,
+    num_dense_layers=1,
+    num_mtp_layers=0,
+    max_position_embeddings=8,
+    tie_word_embeddings=False,
+    initializer_range=0.02,
+)
 
 
 def _tiny_graph() -> Graph:
@@ -125,11 +150,11 @@ def test_verifier_rejects_wrong_param_shape():
 
 
 def test_verifier_rejects_duplicates_and_missing_output():
-    a = Node("a", Op.INPUT, attrs=make_attrs(name="a"))
+    a = Node("a", Op.INPUT, attrs=InputAttrs(name="a"))
     with pytest.raises(VerifyError, match="duplicate node name"):
-        verify(Graph("g", (a, a, Node("o", Op.OUTPUT, ("a",)))))
+        verify(Graph("g", (a, a, Node("o", Op.OUTPUT, ("a",), attrs=OutputAttrs(name="o"))), _GRAPH_ATTRS))
     with pytest.raises(VerifyError, match="no output"):
-        verify(Graph("g", (a,)))
+        verify(Graph("g", (a,), _GRAPH_ATTRS))
 
 
 def test_rewrite_forwards_renamed_outputs():
@@ -137,10 +162,11 @@ def test_rewrite_forwards_renamed_outputs():
     g = Graph(
         "g",
         (
-            Node("x", Op.INPUT, attrs=make_attrs(name="x")),
-            Node("lin", Op.LINEAR, ("x",), (w,), make_attrs(in_features=4, out_features=4)),
-            Node("out", Op.OUTPUT, ("lin",)),
+            Node("x", Op.INPUT, attrs=InputAttrs(name="x")),
+            Node("lin", Op.LINEAR, ("x",), (w,), LinearAttrs(in_features=4, out_features=4)),
+            Node("out", Op.OUTPUT, ("lin",), attrs=OutputAttrs(name="out")),
         ),
+        _GRAPH_ATTRS,
     )
 
     def split(n: Node):
@@ -158,3 +184,114 @@ def test_dtype_parse():
     assert DType.parse("float8_e4m3fn").itemsize == 1
     with pytest.raises(ValueError, match="unknown dtype"):
         DType.parse("int3")
+
+
+# ---- typed attribute records ----------------------------------------------------------------
+
+
+def _attention_fields() -> dict[str, object]:
+    att = _tiny_graph().node("model.layers.0.self_attn")
+    return {k: getattr(att.attrs, k) for k, _ in att.attrs.items()}
+
+
+def test_misspelt_attribute_fails_at_construction_naming_op_and_field():
+    fields = _attention_fields()
+    fields["num_head"] = fields.pop("num_heads")
+    with pytest.raises(AttrError, match=r"^attention: unknown attribute 'num_head'"):
+        AttentionAttrs(**fields)  # type: ignore[arg-type]
+    # Through a node, the message names the node too.
+    n = _tiny_graph().node("model.layers.1.mlp.gate")
+    with pytest.raises(
+        AttrError, match=r"^node model\.layers\.1\.mlp\.gate: router: unknown attribute 'topk'"
+    ):
+        n.with_attrs(topk=2)
+    with pytest.raises(AttrError, match=r"param weight: param: unknown attribute 'quantise'"):
+        Param("weight", (4, 4), DType.F32, ParamRole.WEIGHT).with_attrs(quantise="block128")
+    with pytest.raises(AttrError, match=r"graph g: graph: unknown attribute 'num_layer'"):
+        Graph("g", (), _GRAPH_ATTRS).with_attrs(num_layer=2)
+
+
+def test_missing_attribute_fails_at_construction():
+    fields = _attention_fields()
+    del fields["rotary_dim"]
+    with pytest.raises(AttrError, match=r"^attention: missing attribute 'rotary_dim'"):
+        AttentionAttrs(**fields)  # type: ignore[arg-type]
+    with pytest.raises(AttrError, match=r"^node out: output: missing attribute 'name'"):
+        Node("out", Op.OUTPUT, ("x",))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "want"),
+    [
+        ("num_heads", "4", "int"),
+        ("num_heads", 4.0, "int"),
+        ("qk_norm", 1, "bool"),
+        ("num_kv_heads", True, "int"),  # bool is an int subclass in Python, not an int here
+        ("rope_theta", "1e6", "float"),
+        ("act_quant", "dynamic", "'dynamic_1x128' or 'dynamic_per_token' or None"),
+    ],
+)
+def test_wrong_type_fails_at_construction_naming_op_and_field(field, value, want):
+    fields = _attention_fields() | {field: value}
+    with pytest.raises(AttrError, match=rf"^attention: attribute '{field}' must be {want}, got "):
+        AttentionAttrs(**fields)  # type: ignore[arg-type]
+
+
+def test_wrong_record_for_the_op_fails_at_construction():
+    att = _tiny_graph().node("model.layers.0.self_attn")
+    with pytest.raises(AttrError, match=r"node x: takes MlpAttrs, got AttentionAttrs"):
+        Node("x", Op.MLP, ("y",), (), att.attrs)
+    with pytest.raises(
+        AttrError, match=r"node model\.layers\.0\.self_attn is attention; it has no RouterAttrs"
+    ):
+        RouterAttrs.of(att)
+
+
+def test_contradicting_fields_fail_at_construction():
+    router = _tiny_graph().node("model.layers.1.mlp.gate")
+    with pytest.raises(AttrError, match=r"router: top_k 9 exceeds num_experts 8"):
+        router.with_attrs(top_k=9)
+    with pytest.raises(AttrError, match=r"router: bad grouping: num_experts 8, n_group 3"):
+        router.with_attrs(n_group=3)
+    att = _tiny_graph().node("model.layers.0.self_attn")
+    with pytest.raises(AttrError, match=r"attention: num_heads 4 not divisible by num_kv_heads 3"):
+        att.with_attrs(num_kv_heads=3)
+    with pytest.raises(AttrError, match=r"attention: rotary_dim 15 must be even"):
+        att.with_attrs(rotary_dim=15)
+    with pytest.raises(AttrError, match=r"attention: stage -1 is negative"):
+        att.with_attrs(stage=-1)
+    with pytest.raises(AttrError, match=r"all_reduce: attribute 'axis' must be 'pp' or 'dp' or 'ep' or 'tp'"):
+        AllReduceAttrs(axis="xp", kind="sum")  # type: ignore[arg-type]
+
+
+def test_records_read_typed_and_print_like_the_old_bag():
+    g = _tiny_graph()
+    assert g.attrs.num_layers == 3 and g.attrs.dtype is DType.BF16 and g.attrs.mesh == ()
+    att = AttentionAttrs.of(g.node("model.layers.0.self_attn"))
+    assert (att.num_heads, att.num_kv_heads, att.rope_theta, att.rope_scaling) == (4, 2, 1e6, None)
+    # moe shares the experts' and the router's fields, so their readers take it as well.
+    experts = ExpertsAttrs.of(g.node("model.layers.1.mlp.experts"))
+    router = RouterAttrs.of(g.node("model.layers.1.mlp.gate"))
+    moe = MoeAttrs(
+        hidden=experts.hidden,
+        num_experts=experts.num_experts,
+        top_k=experts.top_k,
+        intermediate_size=experts.intermediate_size,
+        activation=experts.activation,
+        n_group=router.n_group,
+        topk_group=router.topk_group,
+        norm_topk_prob=router.norm_topk_prob,
+        routed_scaling_factor=2,  # an int where a float is typed: stored as a float
+        scoring=router.scoring,
+        shared_intermediate_size=0,
+    )
+    node = Node("m", Op.MOE, ("x",), (), moe)
+    assert ExpertsAttrs.of(node).top_k == RouterAttrs.of(node).top_k == 2
+    # Defaults mean "absent" and are not printed; required fields always are.
+    assert dict(moe.items())["shared_intermediate_size"] == 0 and "stage" not in dict(moe.items())
+    assert isinstance(moe.routed_scaling_factor, float)
+    assert LinearAttrs(in_features=2, out_features=2).items() == (("in_features", 2), ("out_features", 2))
+    spec = ShardSpec("tp", 0, (4,), (1,))
+    p = Param("w", (4, 4), DType.F32, ParamRole.WEIGHT, attrs=ParamAttrs(shard=(spec,), checkpoint=False))
+    assert format_param(p) == 'w: f32[4,4] {checkpoint=false, shard=(("tp", 0, (4,), (1,), ()),)}'
+    assert format_param(p.with_attrs(shard=None, checkpoint=None)) == "w: f32[4,4]"

@@ -93,7 +93,7 @@ def test_runner_records_provenance_and_timings() -> None:
     t0 = time.perf_counter()
     g = run_pipeline(graph, "fuse-moe,shard{ep=2}", lambda p, g, r: seen.append(r))
     elapsed = time.perf_counter() - t0
-    assert g.attr("passes") == ("fuse-moe", "shard{ep=2}")
+    assert g.attrs.passes == ("fuse-moe", "shard{ep=2}")
     assert [r.spelling for r in seen] == ["fuse-moe", "shard{ep=2}"]
     assert seen[0].nodes_before == len(graph.nodes) == 47 and seen[0].nodes_after < 47
     assert seen[1].nodes_before == seen[0].nodes_after and seen[1].nodes_after == len(g.nodes)

@@ -5,7 +5,7 @@ stacks' 128 rule (kept BF16 by default, refused with strict=true)."""
 import pytest
 
 from glmc import presets
-from glmc.ir import DType, Graph, ParamRole, count_params, shard_specs, weight_bytes
+from glmc.ir import DType, GemmAttrs, Graph, ParamRole, count_params, shard_specs, weight_bytes
 from glmc.lower import lower
 from glmc.passes import PassError
 from glmc.pipeline import run_pipeline
@@ -18,7 +18,7 @@ def glm45() -> Graph:
 
 
 def _quantized(g: Graph) -> set[str]:
-    return {fqn for fqn, _, p in g.params() if p.attr("quant", None) is not None}
+    return {fqn for fqn, _, p in g.params() if p.attrs.quant is not None}
 
 
 def test_default_exclusions_follow_the_reference(glm45: Graph) -> None:
@@ -47,7 +47,7 @@ def test_scale_shapes_per_recipe_and_component(glm45: Graph) -> None:
     g = run_pipeline(glm45, "fuse-moe,quantize-fp8")
     att = g.node("model.layers.3.self_attn")
     qkv = att.param("qkv_proj.weight")
-    assert qkv.dtype is DType.F8E4M3 and qkv.attr("quant") == "block128"
+    assert qkv.dtype is DType.F8E4M3 and qkv.attrs.quant == "block128"
     s = att.param("qkv_proj.weight_scale_inv")
     assert s.role is ParamRole.SCALE and s.dtype is DType.F32 and s.shape == (96 + 8 + 8, 40)
     moe = g.node("model.layers.3.mlp")
@@ -55,7 +55,7 @@ def test_scale_shapes_per_recipe_and_component(glm45: Graph) -> None:
     assert moe.param("experts.down_proj_scale_inv").shape == (160, 40, 12)
     c = run_pipeline(glm45, "fuse-moe,quantize-fp8{recipe=channel}").node("model.layers.3.mlp")
     assert c.param("experts.gate_up_proj_scale").shape == (160, 3072, 1)
-    assert c.attr("act_quant") == "dynamic_per_token"
+    assert GemmAttrs.of(c).act_quant == "dynamic_per_token"
 
 
 def test_fused_segments_keep_their_own_blocks() -> None:
@@ -116,15 +116,15 @@ def test_block_scales_split_with_128_aligned_pieces(glm45: Graph) -> None:
     # By default those 192-row pieces stay BF16: no serving stack runs them as block FP8.
     g8 = run_pipeline(glm45, "fuse-moe,shard{tp=8},quantize-fp8")
     kept = g8.node("model.layers.3.mlp").param("experts.gate_up_proj")
-    assert kept.dtype is DType.BF16 and kept.attr("fp8_kept") == "output size 192 per rank (tp=8)"
+    assert kept.dtype is DType.BF16 and kept.attrs.fp8_kept == "output size 192 per rank (tp=8)"
 
 
 def _per_rank_sizes(g: Graph, fqn: str) -> list[int]:
     """Output sizes (per fused component) and the input size of one rank's piece, from the
     placements alone (an independent restatement of the rule the pass applies)."""
-    mesh = dict(g.attr("mesh", ()) or ())
+    mesh = dict(g.attrs.mesh)
     _, _, p = next(x for x in g.params() if x[0] == fqn)
-    rows = list(p.attr("segments", None) or [p.shape[-2]])
+    rows = list(p.attrs.segments or [p.shape[-2]])
     if p.role is ParamRole.EXPERT and p.name.endswith("gate_up_proj"):
         rows = [p.shape[-2] // 2] * 2
     cols = p.shape[-1]
@@ -143,14 +143,14 @@ def test_every_fp8_weight_fits_the_serving_rule_on_glm45_air(tp: int) -> None:
     """GLM-4.5-Air: the 10944-wide dense MLP stays BF16 at every tp; every FP8 weight's per-rank
     output and input sizes are multiples of 128; the kept ones are exactly those that are not."""
     g = run_pipeline(lower(presets.get("glm-4.5-air")), f"fuse-moe,shard{{tp={tp}}},quantize-fp8")
-    kept = set(g.attr("fp8_kept"))
+    kept = set(g.attrs.fp8_kept)
     assert {"model.layers.0.mlp.gate_up_proj.weight", "model.layers.0.mlp.down_proj.weight"} <= kept
     n_fp8 = 0
     for fqn, _, p in g.params():
         if p.role not in (ParamRole.WEIGHT, ParamRole.EXPERT) or len(p.shape) < 2:
             continue
         fits = all(size % 128 == 0 for size in _per_rank_sizes(g, fqn))
-        if p.attr("quant", None) is not None:
+        if p.attrs.quant is not None:
             assert fits, fqn
             n_fp8 += 1
         elif fqn in kept:
@@ -169,8 +169,8 @@ def test_unfused_groups_are_kept_whole() -> None:
     data["moe"] |= {"intermediate_size": 128, "n_group": 1, "topk_group": 1}
     g = run_pipeline(lower(ModelSpec.from_dict(data)), "quantize-fp8")
     att = g.node("model.layers.0.self_attn")
-    assert att.param("k_proj.weight").attr("fp8_kept") == "output size 64"
-    assert att.param("q_proj.weight").attr("fp8_kept") == "kept with k_proj (output size 64)"
+    assert att.param("k_proj.weight").attrs.fp8_kept == "output size 64"
+    assert att.param("q_proj.weight").attrs.fp8_kept == "kept with k_proj (output size 64)"
     assert att.param("q_proj.weight").dtype is DType.BF16
-    assert att.param("o_proj.weight").attr("quant") == "block128"  # 128 x 128 fits
-    assert g.node("model.layers.0.mlp").param("gate_proj.weight").attr("quant") == "block128"
+    assert att.param("o_proj.weight").attrs.quant == "block128"  # 128 x 128 fits
+    assert g.node("model.layers.0.mlp").param("gate_proj.weight").attrs.quant == "block128"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from glmc import presets
-from glmc.ir import Graph, Op, ParamRole, local_shape, mesh_of, shard_specs, stage_of, verify
+from glmc.ir import CollectiveAttrs, Graph, Op, ParamRole, local_shape, mesh_of, shard_specs, stage_of, verify
 from glmc.lower import lower
 from glmc.passes import PassError
 from glmc.passes._expert_placement import balanced, contiguous
@@ -39,7 +39,7 @@ def test_issue_pipeline_on_glm45() -> None:
     g = run_pipeline(
         lower(presets.get("glm-4.5")), "fuse-moe,shard{ep=64,pp=4,dp=2,redundant_experts=32},quantize-fp8"
     )
-    assert mesh_of(g) == {"pp": 4, "dp": 2, "ep": 64, "tp": 1} and g.attr("ep_slots") == 3
+    assert mesh_of(g) == {"pp": 4, "dp": 2, "ep": 64, "tp": 1} and g.attrs.ep_slots == 3
     assert len(g.find(Op.SEND_RECV)) == 3 and len(g.find(Op.ALL_TO_ALL)) == 2 * 90
     # every one of the 160 + 32 slots of a layer is filled, each expert at least once
     expert = next(p for _, _, p in g.params() if p.role is ParamRole.EXPERT)
@@ -90,7 +90,7 @@ def test_invalid_plans_are_refused_naming_the_argument(spec: str, pipeline: str,
 def test_every_parameter_is_placed_consistently(glm45: Graph) -> None:
     g = run_pipeline(glm45, "fuse-moe,shard{ep=32,tp=4,pp=4,dp=2}")
     mesh = mesh_of(g)
-    assert all(n.attr("stage", None) is not None for n in g.nodes)
+    assert all(n.attrs.stage is not None for n in g.nodes)
     for fqn, _, p in g.params():
         axes = [s.axis for s in shard_specs(p)]
         if p.role.value == "expert":
@@ -119,7 +119,7 @@ def test_kv_heads_replicate_above_their_count(glm45: Graph) -> None:
 def test_collectives_are_explicit(glm45: Graph) -> None:
     g = run_pipeline(glm45, "fuse-moe,shard{ep=8,tp=2}")
     kinds = [
-        (n.op, n.attr("axis"), n.attr("kind"))
+        (n.op, CollectiveAttrs.of(n).axis, CollectiveAttrs.of(n).kind)
         for n in g.nodes
         if n.op.value in ("all_reduce", "all_to_all", "all_gather")
     ]
@@ -196,7 +196,7 @@ def test_stage_balance_is_optimal_against_brute_force() -> None:
 @pytest.mark.parametrize("balance_by", ["flops", "params"])
 def test_stages_cover_the_model_and_carry_embedding_and_head(glm45: Graph, balance_by: str) -> None:
     g = run_pipeline(glm45, f"fuse-moe,shard{{pp=4,ep=8,balance={balance_by}}}")
-    stages = g.attr("pp_stages")
+    stages = g.attrs.pp_stages
     assert stages[0][0] == 0 and stages[-1][1] == 91 and len(stages) == 4
     assert stage_of(g.node("model.embed_tokens")) == 0
     assert {stage_of(g.node(n)) for n in ("lm_head", "model.norm", "model.mtp.0.mlp")} == {3}
@@ -235,7 +235,7 @@ def test_the_divisibility_message_suggests_only_plans_that_are_accepted(ep: int)
     if 8 + (-8 % ep) <= 65536:  # glm-tiny's 8 experts padded to a multiple of ep fit the slot bound
         assert suggested is not None
         g = run_pipeline(lower(presets.get("glm-tiny")), f"shard{{ep={ep},redundant_experts={suggested[1]}}}")
-        assert g.attr("ep_slots") == -(-8 // ep)
+        assert g.attrs.ep_slots == -(-8 // ep)
     else:
         assert suggested is None
 
@@ -304,5 +304,5 @@ def test_expert_maps_of_many_layers_are_bounded() -> None:
     with pytest.raises(PassError, match="65536 expert slots x 200 MoE layers"):
         run_pipeline(lower(many), "shard{ep=65536}")
     g = run_pipeline(lower(_tiny(num_layers=64, moe={"num_experts": 65536})), "shard{ep=65536}")
-    maps = {id(p.attr("shard")[0][4]) for _, _, p in g.params() if p.role is ParamRole.EXPERT}
+    maps = {id(p.attrs.shard[0].index) for _, _, p in g.params() if p.role is ParamRole.EXPERT}
     assert len(maps) == 1  # the encoded map itself, not just equal copies
