@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,6 +22,9 @@ from glmc.resolve import resolve_spec, trunk_only_without_mtp, weight_dtype
 from glmc.resources import check_model
 from glmc.spec import ModelSpec
 from glmc.version import __version__
+
+if TYPE_CHECKING:
+    from glmc.convert import Source
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -108,39 +111,133 @@ def build_torch(
 
 
 def from_pretrained(
-    path: str | Path, dtype: torch.dtype = torch.float32, allow_nonfinite: bool = False
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    allow_nonfinite: bool = False,
+    dequantize: bool = False,
 ) -> torch.nn.Module:
     """Load a Hugging Face layout folder (single or sharded safetensors, per-expert names, MTP
     at layer index num_hidden_layers) or a folder written by glmc (its torch artifact, or any
-    unsharded `glmc convert` output: fused, FP8 block128 or channel, dequantised on the CPU);
-    `model.spec` is its spec. A weight holding NaN or Inf raises `CheckpointError` naming it,
-    unless `allow_nonfinite`."""
-    from glmc.convert import open_source
-    from glmc.export.hf import TensorReader, from_hf, open_checkpoint, recipe_of
-    from glmc.export.hf.target import CONVERT_FILE
-    from glmc.export.torch import build_model
+    unsharded `glmc convert` / `glmc build --emit hf` output); `model.spec` is its spec.
 
+    An FP8 folder glmc wrote keeps FP8: the model is built from the graph its
+    `glmc_convert.json` records (fused or not), holding `float8_e4m3fn` weights and their fp32
+    scales, run by the FP8 path of the torch target; `dequantize=True` gives the plain model
+    with the weights dequantised to `dtype` instead (as FP8 folders glmc did not write always
+    are). A weight holding NaN or Inf raises `CheckpointError` naming it, unless
+    `allow_nonfinite`."""
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {p}")
     if (p / GLMC_SPEC_FILE).is_file():
-        return load_torch_artifact(p, dtype=dtype, allow_nonfinite=allow_nonfinite)
-    spec = resolve_spec(p)
-    reader: TensorReader
-    source = None
-    config = json.loads((p / "config.json").read_text())
-    if (p / CONVERT_FILE).is_file() or recipe_of(config, str(p / "config.json")) is not None:
-        source = open_source(p)  # another layout, or FP8: read as (dequantised) Hugging Face tensors
-        reader = source.tensors
-    else:
-        reader = open_checkpoint(p)
-    spec = trunk_only_without_mtp(spec, reader, p, "loading")
-    graph = compile_graph(spec, dtype=ir_dtype(dtype))
+        return load_torch_artifact(p, dtype=dtype, allow_nonfinite=allow_nonfinite, dequantize=dequantize)
+    ckpt = open_weights(p, dtype=ir_dtype(dtype), action="loading")
     try:
-        state = from_hf(graph, reader, dtype=dtype, allow_nonfinite=allow_nonfinite)
+        source = ckpt.source
+        if source is not None and source.recipe is not None and source.passes and not dequantize:
+            graph = run_pipeline(ckpt.graph, ",".join(source.passes))  # the lowering above, passed
+            state = _fp8_state(graph, source, dtype, allow_nonfinite)
+        else:
+            graph, state = ckpt.graph, ckpt.read(dtype, allow_nonfinite)
     finally:
-        if source is not None:
-            source.close()
+        ckpt.close()
+    return _model(graph, ckpt.spec, state, dtype)
+
+
+@dataclass
+class OpenedWeights:
+    """A checkpoint folder opened for reading into the plain lowering of its spec (`graph`,
+    lowered once here): names, shapes and dtypes checked, no tensor data read yet."""
+
+    spec: ModelSpec
+    graph: Graph
+    source: Source | None  # set for a glmc layout (fused, FP8): its logical tensors and passes
+    reader: Any  # keys() and meta(name) of the stored tensors; what `read` loads from
+
+    def read(self, dtype: torch.dtype, allow_nonfinite: bool) -> dict[str, torch.Tensor]:
+        """The plain model's state (IR parameter names) in `dtype`; FP8 weights dequantised."""
+        from glmc.export.hf import from_hf
+
+        if isinstance(self.reader, Path):  # a torch artifact's model.safetensors
+            return _read_torch_state(self.reader, self.graph, dtype, allow_nonfinite)
+        return from_hf(self.graph, self.reader, dtype=dtype, allow_nonfinite=allow_nonfinite)
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+
+
+def open_weights(
+    path: Path, spec: ModelSpec | None = None, dtype: str | None = None, action: str = "loading"
+) -> OpenedWeights:
+    """Open checkpoint folder `path` (Hugging Face layout, a glmc layout, or a torch artifact
+    built without a pipeline) and lower `spec` (default: the folder's) once at IR dtype `dtype`
+    (default: the dtype most of its weights are stored in, `glmc.convert.checkpoint_dtype`)."""
+    from glmc.convert import checkpoint_dtype, open_source, read_json
+    from glmc.export.hf import open_checkpoint, recipe_of
+    from glmc.export.hf.target import CONVERT_FILE
+
+    if (path / GLMC_SPEC_FILE).is_file():
+        f = path / "model.safetensors"
+        with open_checkpoint(f) as reader:
+            pipeline = _artifact_pipeline(f)
+            if pipeline:
+                raise CheckpointError(
+                    f"{path} is a torch artifact built with --pipeline {pipeline}; read weights from the hf "
+                    "folder of that build, or from a torch artifact built without a pipeline"
+                )
+            spec = spec or ModelSpec.from_file(path / GLMC_SPEC_FILE)
+            graph = compile_graph(spec, dtype=dtype or str(checkpoint_dtype(reader)))
+        return OpenedWeights(spec, graph, None, f)
+    config = read_json(path / "config.json") if (path / "config.json").is_file() else {}
+    if (path / CONVERT_FILE).is_file() or recipe_of(config, str(path / "config.json")) is not None:
+        source = open_source(path, dtype=dtype, spec=spec, action=action)  # another layout, or FP8
+        return OpenedWeights(source.spec, source.lowered, source, source.tensors)
+    spec = spec or resolve_spec(path)
+    reader = open_checkpoint(path)
+    spec = trunk_only_without_mtp(spec, reader, path, action)
+    graph = compile_graph(spec, dtype=dtype or str(checkpoint_dtype(reader, config)))
+    return OpenedWeights(spec, graph, None, reader)
+
+
+def _fp8_state(
+    graph: Graph, source: Source, dtype: torch.dtype, allow_nonfinite: bool
+) -> dict[str, torch.Tensor]:
+    """The FP8 model's state read from `source` as stored (export.torch.fp8.checkpoint_state):
+    FP8 weights and fp32 scales as they are, the rest cast to `dtype`. A tensor whose stored
+    dtype disagrees with the graph (FP8 where the recorded passes keep high precision, or the
+    reverse) is refused, naming it: casting would silently quantise or widen it."""
+    from glmc.export.hf import check_finite
+    from glmc.export.torch import build_model
+    from glmc.export.torch.fp8 import checkpoint_state
+
+    with torch.device("meta"):
+        want = build_model(graph, dtype=dtype, device="meta").state_dict()
+    got = checkpoint_state(graph, source.raw.__getitem__)
+    missing = [k for k in want if k not in got]
+    if missing:
+        raise CheckpointError(f"{source.path}: the FP8 model's {missing[0]} is not in the checkpoint")
+    state = {}
+    fp8 = torch.float8_e4m3fn
+    for k, w in want.items():
+        t = got[k]
+        if (t.dtype == fp8) != (w.dtype == fp8):
+            raise CheckpointError(
+                f"{source.path}: {k} is stored as {t.dtype} but the passes in its glmc_convert.json make it "
+                f"{w.dtype}"
+            )
+        state[k] = t.to(w.dtype) if t.is_floating_point() else t
+        if not allow_nonfinite:  # FP8 checked in fp32 (torch has no isfinite for it)
+            check_finite(t.float() if t.dtype == fp8 else state[k], k, str(source.path))
+    return state
+
+
+def _model(
+    graph: Graph, spec: ModelSpec, state: dict[str, torch.Tensor], dtype: torch.dtype
+) -> torch.nn.Module:
+    """The eval-mode torch model of `graph` holding `state` (assigned, not copied)."""
+    from glmc.export.torch import build_model
+
     with torch.device("meta"):
         model = build_model(graph, dtype=dtype, device="meta")
     model.load_state_dict(state, strict=True, assign=True)
@@ -183,7 +280,7 @@ def build(
     emit: Sequence[str] = DEFAULT_TARGETS,
     seed: int = 0,
     force: bool = False,
-    dtype: str = "bf16",
+    dtype: str = "auto",
     progress: Callable[[str], None] | None = None,
     allow_nonfinite: bool = False,
     trtllm_version: str | None = None,
@@ -193,12 +290,18 @@ def build(
     The spec is lowered once and the pipeline run once; every target receives that graph and
     first checks it: a pass a target cannot honour is refused (GlmcError naming the target, the
     pass and a node) before any folder is made or weight created. Without `weights` the model
-    is randomly initialised (deterministic per `seed`); with a Hugging Face checkpoint folder
-    its weights are loaded and checked against the spec, and refused if any holds NaN or Inf
-    unless `allow_nonfinite`. `out` is checked before any work (`glmc.outdir.check_output_folder`:
-    never the current folder or one above it, never a folder that is, holds or lies inside an
-    input) and written atomically."""
+    is randomly initialised (deterministic per `seed`); with a checkpoint folder its weights are
+    read into that one lowering, checked against the spec, and refused if any holds NaN or Inf
+    unless `allow_nonfinite`; its tokenizer, chat template and generation files are carried
+    into the hf and trtllm folders (and the tokenizer into onnx). `dtype` "auto" keeps the
+    checkpoint's dtype (the one most of its weights are stored in) and is bf16 for a random
+    init. `out` is checked before any work (`glmc.outdir.check_output_folder`: never the
+    current folder or one above it, never a folder that is, holds or lies inside an input) and
+    written atomically."""
     from glmc.export.hf import TORCH_DTYPES, check_finite
+    from glmc.export.sidecar import find_sidecars
+    from glmc.pipeline import build as parse_pipeline
+    from glmc.pipeline import run_passes
 
     say = progress or (lambda _msg: None)
     chosen = _targets(emit, trtllm_version)
@@ -206,47 +309,67 @@ def build(
     out = Path(out)
     inputs = {"--weights folder": weights, "spec": _spec_path(spec)}
     check_output_folder(out, inputs=inputs, replace=force)  # before any work
-    ir = weight_dtype(dtype)
-    torch_dtype = TORCH_DTYPES[ir]
-    say(f"lowering {s.name}")
-    plain = compile_graph(s, dtype=str(ir))  # the graph the weights follow
-    graph = run_pipeline(plain, pipeline) if pipeline else plain  # the graph the targets honour
-    for target in chosen:
-        target.check(graph)  # a pass a target cannot honour fails here, before any output exists
-    check_model(s, str(ir), "glmc build", weights, graph=plain)  # refuse what cannot fit, before allocating
-    manifest: dict[str, Any] = {
-        "glmc_version": __version__,
-        "spec": s.model_dump(mode="json"),
-        "pipeline": pipeline or "",
-        "weights": str(weights) if weights else f"random(seed={seed})",
-        "targets": [t.name for t in chosen],
-        "summary": summary(graph),
-    }
-    need = sum(t.size_hint(graph, ir.itemsize) for t in chosen)
-    # The temporary folder is made before loading or initialising weights: an unwritable or
-    # full output fails now, not after the work.
-    with atomic_folder(out, replace=force, inputs=inputs, need_bytes=need) as tmp:
+    asked = None if dtype == "auto" else str(weight_dtype(dtype))
+    passes = parse_pipeline(pipeline) if pipeline else []  # a bad pipeline fails before any reading
+    ckpt: OpenedWeights | None = None
+    sidecars: tuple[Any, ...] = ()
+    try:
+        say(f"lowering {s.name}")
         if weights is not None:
-            say(f"loading weights from {weights}")
-            model = from_pretrained(weights, dtype=torch_dtype, allow_nonfinite=allow_nonfinite)
-            loaded: ModelSpec = model.spec  # type: ignore[assignment]
-            if loaded.model_dump(exclude={"name"}) != s.model_dump(exclude={"name"}):
+            wpath = Path(weights)
+            if not wpath.is_dir():
+                raise CheckpointError(f"--weights folder not found: {wpath}")
+            if resolve_spec(wpath).model_dump(exclude={"name"}) != s.model_dump(exclude={"name"}):
                 raise CheckpointError(
                     f"--weights {weights}: its config.json describes a different model than {s.name}"
                 )
+            sidecars = find_sidecars(wpath)
+            # The one lowering: the spec at the checkpoint's dtype (or --dtype), which the
+            # weights are read into (a trunk-only checkpoint drops the MTP layers here).
+            ckpt = open_weights(wpath, s, asked, action="building")
+            s, plain = ckpt.spec, ckpt.graph
         else:
-            say("initialising random weights")
-            model = build_torch(s, dtype=torch_dtype, seed=seed, graph=plain)
-        state = {k: v.detach() for k, v in model.state_dict().items()}
-        if weights is None and not allow_nonfinite:
-            for k, v in state.items():  # a random init is finite unless the spec's sizes overflow
-                check_finite(v, k, "the randomly initialised model")
-        (tmp / "graph.txt").write_text(format_graph(graph))
-        meta = target_meta(s)
+            plain = compile_graph(s, dtype=asked or "bf16")  # the graph the weights follow
+        ir = DType.parse(str(plain.attr("dtype")))
+        torch_dtype = TORCH_DTYPES[ir]
+        graph = run_passes(plain, passes) if passes else plain  # the graph the targets honour
         for target in chosen:
-            say(f"emitting {target.name}")
-            target.emit(graph, Weights(plain, state), tmp / target.name, meta)
-        (tmp / "build.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            target.check(graph)  # a pass a target cannot honour fails here, before any output exists
+        check_model(
+            s, str(ir), "glmc build", weights, graph=plain
+        )  # refuse what cannot fit, before allocating
+        manifest: dict[str, Any] = {
+            "glmc_version": __version__,
+            "spec": s.model_dump(mode="json"),
+            "pipeline": pipeline or "",
+            "dtype": str(ir),
+            "weights": str(weights) if weights else f"random(seed={seed})",
+            "targets": [t.name for t in chosen],
+            "summary": summary(graph),
+        }
+        need = sum(t.size_hint(graph, ir.itemsize) for t in chosen)
+        # The temporary folder is made before loading or initialising weights: an unwritable or
+        # full output fails now, not after the work.
+        with atomic_folder(out, replace=force, inputs=inputs, need_bytes=need) as tmp:
+            if ckpt is not None:
+                say(f"loading weights from {weights}")
+                state = ckpt.read(torch_dtype, allow_nonfinite)
+            else:
+                say("initialising random weights")
+                model = build_torch(s, dtype=torch_dtype, seed=seed, graph=plain)
+                state = {k: v.detach() for k, v in model.state_dict().items()}
+                if not allow_nonfinite:
+                    for k, v in state.items():  # a random init is finite unless the spec's sizes overflow
+                        check_finite(v, k, "the randomly initialised model")
+            (tmp / "graph.txt").write_text(format_graph(graph))
+            meta = replace(target_meta(s), sidecars=sidecars)
+            for target in chosen:
+                say(f"emitting {target.name}")
+                target.emit(graph, Weights(plain, state), tmp / target.name, meta)
+            (tmp / "build.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    finally:
+        if ckpt is not None:
+            ckpt.close()
     return manifest
 
 
@@ -279,31 +402,54 @@ def _spec_path(spec: object) -> Path | None:
 
 
 def load_torch_artifact(
-    path: str | Path, dtype: torch.dtype = torch.float32, allow_nonfinite: bool = False
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    allow_nonfinite: bool = False,
+    dequantize: bool = False,
 ) -> torch.nn.Module:
-    """Load the folder the torch target wrote (`glmc build ... --emit torch`). A damaged
-    `model.safetensors` (truncated, bad header), missing, unexpected or misshapen tensors and,
-    unless `allow_nonfinite`, NaN/Inf weights raise `CheckpointError` naming the file/tensor."""
-    from glmc.export.hf import check_finite, open_checkpoint
-    from glmc.export.torch import build_model
-
+    """Load the folder the torch target wrote (`glmc build ... --emit torch`), built from the
+    graph its recorded pipeline makes (fused, FP8); `dequantize` turns FP8 weights back into
+    `dtype` (the model of the pipeline without quantize-fp8). A damaged `model.safetensors`
+    (truncated, bad header), missing, unexpected or misshapen tensors and, unless
+    `allow_nonfinite`, NaN/Inf weights raise `CheckpointError` naming the file/tensor."""
     p = Path(path)
     spec = ModelSpec.from_file(p / GLMC_SPEC_FILE)
     f = p / "model.safetensors"
     if not f.is_file():
         raise CheckpointError(f"{p}: torch artifact has no model.safetensors")
+    pipeline = _artifact_pipeline(f)
+    lowered = compile_graph(spec, dtype=ir_dtype(dtype))
+    graph = run_pipeline(lowered, pipeline) if pipeline else lowered
+    state = _read_torch_state(f, graph, dtype, allow_nonfinite)
+    if dequantize and graph.attr("quantization", None) is not None:
+        kept = ",".join(x for x in graph.attr("passes", ()) if not str(x).startswith("quantize-fp8"))
+        state = _dequantized(graph, state, dtype)
+        graph = run_pipeline(lowered, kept) if kept else lowered
+    return _model(graph, spec, state, dtype)
+
+
+def _artifact_pipeline(f: Path) -> str:
+    """The pipeline a torch artifact's tensors follow (its model.safetensors metadata). The
+    framing is validated first (CheckpointError naming the file)."""
     from safetensors import safe_open
 
+    from glmc.export.hf import open_checkpoint
     from glmc.export.torch.target import PIPELINE_KEY
 
-    # The framing is validated first (CheckpointError naming the file), then the header's
-    # metadata says which passes the tensors follow (fused, FP8).
     with open_checkpoint(f), safe_open(str(f), "pt") as header:
-        pipeline = (header.metadata() or {}).get(PIPELINE_KEY) or None
+        return str((header.metadata() or {}).get(PIPELINE_KEY) or "")
+
+
+def _read_torch_state(
+    f: Path, graph: Graph, dtype: torch.dtype, allow_nonfinite: bool
+) -> dict[str, torch.Tensor]:
+    """The tensors of a torch artifact's `f` as the state of `build_model(graph)` in `dtype`
+    (FP8 weights and fp32 buffers keep their dtypes), every name and shape checked first."""
+    from glmc.export.hf import check_finite, open_checkpoint
+    from glmc.export.torch import build_model
+
     with torch.device("meta"):
-        graph = compile_graph(spec, pipeline, dtype=ir_dtype(dtype))
-        model = build_model(graph, dtype=dtype, device="meta")
-    want = model.state_dict()
+        want = build_model(graph, dtype=dtype, device="meta").state_dict()
     with open_checkpoint(f) as reader:
         missing = [k for k in want if k not in reader]
         unexpected = [k for k in reader if k not in want]
@@ -324,6 +470,20 @@ def load_torch_artifact(
                 check_finite(
                     state[k].float() if state[k].dtype == torch.float8_e4m3fn else state[k], k, str(f)
                 )
-    model.load_state_dict(state, strict=True, assign=True)
-    model.spec = spec  # type: ignore[assignment]
-    return model.eval()
+    return state
+
+
+def _dequantized(graph: Graph, state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`state` of the FP8 model of `graph` with every FP8 weight dequantised to `dtype` (through
+    the dispatch seam the FP8 GEMMs use) and its scales dropped."""
+    from glmc.ir.quant import row_segments, scale_param_name
+    from glmc.kernels.dispatch import dequantize_fp8
+
+    out = dict(state)
+    for fqn, node, p in graph.params():
+        recipe = p.attr("quant", None)
+        if recipe is None or fqn not in out:
+            continue
+        scale = out.pop(f"{node.name}.{scale_param_name(p.name, recipe)}")
+        out[fqn] = dequantize_fp8(out[fqn], scale, recipe=recipe, segments=row_segments(p), dtype=dtype)
+    return out

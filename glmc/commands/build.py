@@ -16,7 +16,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_spec_argument(p)
     p.add_argument("-o", "--out", required=True, type=Path, help="output folder (written atomically)")
     p.add_argument("--pipeline", help="passes to run before emitting")
-    p.add_argument("--weights", type=Path, help="Hugging Face checkpoint folder; random init when absent")
+    p.add_argument(
+        "--weights",
+        type=Path,
+        help="checkpoint folder (Hugging Face layout or a glmc convert output); random init when absent. Its "
+        "tokenizer, chat template and generation files are carried into the hf, trtllm and onnx folders",
+    )
     p.add_argument(
         "--emit",
         default="torch,hf",
@@ -26,7 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for random init (default 0)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument(
-        "--dtype", default="bf16", help="weight dtype of the artifacts: bf16, f16 or f32 (default bf16)"
+        "--dtype",
+        default="auto",
+        help="weight dtype of the artifacts: auto, bf16, f16 or f32 (default auto: the --weights checkpoint's "
+        "dtype, for a checkpoint of mixed dtypes the one most of its weight elements are stored in; bf16 for "
+        "random init)",
     )
     p.add_argument(
         "--allow-nonfinite",

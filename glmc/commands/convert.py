@@ -23,7 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="",
         help="e.g. 'fuse-moe,shard{ep=8},quantize-fp8{recipe=block128}' (default: none)",
     )
-    p.add_argument("--dtype", help="dtype of the unquantised weights: bf16, f16 or f32 (default: as stored)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="dtype of the unquantised weights: auto, bf16, f16 or f32 (default auto: as stored; a checkpoint "
+        "of mixed dtypes follows the dtype most of its weight elements are stored in)",
+    )
     p.add_argument(
         "--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB (default 5GB)"
     )
@@ -78,9 +83,11 @@ def run(args: argparse.Namespace) -> int:
     mb = r["bytes_written"] / 1e6
     where = f" in {r['ranks']} rank folders" if r["ranks"] > 1 else ""
     quant = f", FP8 {r['quantization']}" if r["quantization"] else ""
+    extra = f"; {len(r['sidecars'])} tokenizer/generation file(s) carried" if r["sidecars"] else ""
     console.print(
         f"[green]converted[/] {args.src} -> {args.out}: {r['tensors']} tensors, {mb:,.1f} MB{where} "
         f"({r['weight_layout']} layout{quant}; {r['seconds']:.1f} s, {mb / max(r['seconds'], 1e-9):,.0f} MB/s)"
+        f"{extra}"
     )
     return EXIT_OK
 
