@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from glmc.ir import GlmcError, Graph, Op
 
+from .sidecar import Sidecar
+
 if TYPE_CHECKING:
     import torch
 
@@ -51,6 +53,9 @@ class Meta:
     think_ids: tuple[int, int] | None  # <think>, </think> when the vocabulary is GLM-4.5's
     glmc_version: str
     source: str = "glmc build"  # provenance written into manifests
+    # The source checkpoint's tokenizer, chat template and generation files (export.sidecar),
+    # checked before any work; checkpoint-layout targets carry them, onnx its tokenizer.
+    sidecars: tuple[Sidecar, ...] = ()
 
 
 @dataclass(frozen=True)

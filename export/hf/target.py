@@ -16,6 +16,7 @@ import torch
 
 from glmc.ir import DType, Graph, ParamRole, summary
 
+from ..sidecar import copy_sidecars
 from ..target import BaseTarget, Meta, Weights
 from .layout import OutTensor, plan_checkpoint, rank_dir, ranks, unquantized_modules
 from .logical import DictCheckpoint, LogicalSource
@@ -42,6 +43,7 @@ class HfTarget(BaseTarget):
         out.mkdir(parents=True)
         if not changes_layout(graph):
             write_hf_checkpoint(weights, out, meta.hf_config)
+            copy_sidecars(meta.sidecars, [out])  # servable as written: tokenizer, chat template
             return
         # The pipeline changes the checkpoint (fused, FP8 or per-rank): write it the way
         # `glmc convert` does, from the Hugging Face tensors of the weights' own graph.
@@ -52,6 +54,7 @@ class HfTarget(BaseTarget):
         write_config(meta.hf_config, graph, out)
         manifest = convert_manifest(graph, ",".join(graph.attr("passes", ())), meta.source, meta.glmc_version)
         (out / CONVERT_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        copy_sidecars(meta.sidecars, [out, *(out / rank_dir(c) for c in ranks(graph) if c is not None)])
 
 
 def changes_layout(graph: Graph) -> bool:

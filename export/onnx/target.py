@@ -11,6 +11,7 @@ import torch
 
 from glmc.ir import Graph
 
+from ..sidecar import TOKENIZER_FILES, copy_sidecars
 from ..target import BaseTarget, Meta, Weights, write_runtime_manifest
 
 
@@ -44,4 +45,7 @@ class OnnxTarget(BaseTarget):
             mtp_file=files.get("mtp"),
         )
         (out / "genai_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        # ONNX Runtime GenAI reads the tokenizer (tokenizer.json, tokenizer_config.json) from the
+        # folder of genai_config.json; generation defaults live in genai_config.json's search.
+        copy_sidecars(meta.sidecars, [out], only=TOKENIZER_FILES)
         write_runtime_manifest(out, self.name, meta, files, dtype="float32")
