@@ -254,6 +254,7 @@ class MlpAttrs(FfnAttrs):
 
 @record(Op.ROUTER)
 class RouterAttrs(NodeAttrs):
+    layer: int  # routing (and the expert maps of expert parallelism) is per decoder layer
     hidden: int
     num_experts: int
     top_k: int
@@ -274,6 +275,7 @@ class RouterAttrs(NodeAttrs):
 
 @record(Op.EXPERTS)
 class ExpertsAttrs(FfnAttrs):
+    layer: int  # routed experts are placed per decoder layer
     num_experts: int
     top_k: int
 

@@ -35,6 +35,7 @@ from glmc.ir import (
     node_flops,
     with_shards,
 )
+from glmc.ir.attrs import AttentionAttrs, ExpertsAttrs, FfnAttrs, MoeAttrs
 
 from . import _expert_placement as placement
 from ._collectives import MOE_OPS as _MOE_OPS
@@ -86,7 +87,7 @@ class Shard(Pass):
             raise ValueError(f"seq_len={self.seq_len} exceeds {MAX_SEQ_LEN}")
 
     def apply(self, graph: Graph) -> Graph:
-        if graph.attr("mesh", None) is not None:
+        if graph.attrs.mesh:
             raise PassError("shard: the graph is already sharded")
         self._check(graph)
         maps = self._expert_maps(graph)
@@ -106,7 +107,7 @@ class Shard(Pass):
         tp, ep = self.tp, self.ep
         att = g.find(Op.ATTENTION)
         if att:
-            nh, nkv = int(att[0].attr("num_heads")), int(att[0].attr("num_kv_heads"))
+            nh, nkv = AttentionAttrs.of(att[0]).num_heads, AttentionAttrs.of(att[0]).num_kv_heads
             if nh % tp:
                 raise PassError(f"shard: tp={tp} does not divide attention.num_heads={nh}")
             if tp <= nkv and nkv % tp:
@@ -125,12 +126,12 @@ class Shard(Pass):
             for field, size in _tp_widths(n):
                 if size % tp:
                     raise PassError(f"shard: tp={tp} does not divide {field}={size} (node {n.name})")
-        vocab = int(g.attr("vocab_size"))
+        vocab = g.attrs.vocab_size
         if vocab % tp:
             raise PassError(
                 f"shard: tp={tp} does not divide vocab_size={vocab} (vocabulary-parallel embedding)"
             )
-        n_layers = int(g.attr("num_layers"))
+        n_layers = g.attrs.num_layers
         if self.pp > n_layers:
             raise PassError(
                 f"shard: pp={self.pp} exceeds num_layers={n_layers}; every pipeline stage needs a layer"
@@ -185,7 +186,7 @@ class Shard(Pass):
         e = _num_experts(g)
         if e is None or self.ep == 1:
             return {}
-        layers = sorted(int(n.attr("layer")) for n in g.nodes if n.op in _MOE_OPS)
+        layers = sorted(ExpertsAttrs.of(n).layer for n in g.nodes if n.op in _MOE_OPS)
         loads = placement.load_histograms(self.expert_load, e, layers) if self.expert_load else {}
         maps = {}
         for layer in layers:
@@ -198,7 +199,7 @@ class Shard(Pass):
     def _place(self, n: Node, p: Param, maps: dict[int, tuple[tuple[int, ...], ...]]) -> Param:
         specs: list[ShardSpec] = []
         if self.ep > 1 and p.role is ParamRole.EXPERT:
-            specs.append(ShardSpec("ep", 0, (p.shape[0],), (1,), maps[int(n.attr("layer"))]))
+            specs.append(ShardSpec("ep", 0, (p.shape[0],), (1,), maps[ExpertsAttrs.of(n).layer]))
         if self.tp > 1:
             t = self._tp_spec(n, p)
             if t is not None:
@@ -208,7 +209,8 @@ class Shard(Pass):
     def _tp_spec(self, n: Node, p: Param) -> ShardSpec | None:
         name, shape = p.name, p.shape
         if n.op is Op.ATTENTION:
-            nh, nkv, d = int(n.attr("num_heads")), int(n.attr("num_kv_heads")), int(n.attr("head_dim"))
+            a = AttentionAttrs.of(n)
+            nh, nkv, d = a.num_heads, a.num_kv_heads, a.head_dim
             rep = self.tp // nkv if self.tp > nkv else 1
             if name.startswith("q_proj."):
                 return ShardSpec("tp", 0, (nh * d,), (1,))
@@ -238,13 +240,13 @@ class Shard(Pass):
     # ---- pipeline stages --------------------------------------------------------------------
 
     def _stages(self, g: Graph, nodes: list[Node]) -> list[tuple[int, int]]:
-        n_layers = int(g.attr("num_layers"))
+        n_layers = g.attrs.num_layers
         if self.pp == 1:
             return [(0, n_layers - 1)]
         mesh = {"pp": self.pp, "dp": self.dp, "ep": self.ep, "tp": self.tp}
         costs = [0] * n_layers
         for n in nodes:
-            layer = n.attr("layer", None)
+            layer = n.attrs.layer
             if layer is not None and int(layer) < n_layers:
                 unit = int(layer)
             else:  # the embedding rides with the first layer; head, final norm and MTP with the last
@@ -260,19 +262,21 @@ class Shard(Pass):
 def _num_experts(g: Graph) -> int | None:
     for n in g.nodes:
         if n.op in _MOE_OPS:
-            return int(n.attr("num_experts"))
+            return ExpertsAttrs.of(n).num_experts
     return None
 
 
 def _tp_widths(n: Node) -> list[tuple[str, int]]:
     """The spec fields (and sizes) that tensor parallelism must divide on this node."""
-    shared = ("moe.intermediate_size x moe.num_shared_experts", int(n.attr("shared_intermediate_size", 0)))
+    shared = "moe.intermediate_size x moe.num_shared_experts"
     if n.op is Op.MLP:
-        if n.name.endswith(".shared_experts"):
-            return [(shared[0], int(n.attr("intermediate_size")))]
-        return [("mlp.intermediate_size", int(n.attr("intermediate_size")))]
+        size = FfnAttrs.of(n).intermediate_size
+        return [(shared, size)] if n.name.endswith(".shared_experts") else [("mlp.intermediate_size", size)]
     if n.op is Op.EXPERTS:
-        return [("moe.intermediate_size", int(n.attr("intermediate_size")))]
+        return [("moe.intermediate_size", ExpertsAttrs.of(n).intermediate_size)]
     if n.op is Op.MOE:
-        return [("moe.intermediate_size", int(n.attr("intermediate_size")))] + ([shared] if shared[1] else [])
+        a = MoeAttrs.of(n)
+        return [("moe.intermediate_size", a.intermediate_size)] + (
+            [(shared, a.shared_intermediate_size)] if a.shared_intermediate_size else []
+        )
     return []

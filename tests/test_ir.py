@@ -278,6 +278,7 @@ def test_records_read_typed_and_print_like_the_old_bag():
         top_k=experts.top_k,
         intermediate_size=experts.intermediate_size,
         activation=experts.activation,
+        layer=experts.layer,
         n_group=router.n_group,
         topk_group=router.topk_group,
         norm_topk_prob=router.norm_topk_prob,
