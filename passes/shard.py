@@ -32,6 +32,7 @@ from glmc.ir import (
     ParamRole,
     ShardSpec,
     max_local_numel,
+    mesh_of,
     node_flops,
     with_shards,
 )
@@ -257,6 +258,19 @@ class Shard(Pass):
                 costs[unit] += sum(max_local_numel(p, mesh) * p.dtype.itemsize for p in n.params)
         # Stages must be distinguishable even for zero-cost layers.
         return balance_stages([c + 1 for c in costs], self.pp)
+
+
+def check_launch(graph: Graph, world: int) -> None:
+    """A sharded graph's mesh against the processes a run was launched with: the pass's one
+    rule for every caller that runs a plan (training; a graph without a shard pass is one rank)."""
+    m = mesh_of(graph)
+    need = m["pp"] * m["dp"] * m["ep"] * m["tp"]
+    if need != world:
+        raise PassError(
+            f"shard: the plan pp x dp x ep x tp = {m['pp']} x {m['dp']} x {m['ep']} x {m['tp']} needs {need} "
+            f"processes but the launch has {world} (torchrun --nproc_per_node / WORLD_SIZE); change dp "
+            f"(--dp), ep, tp, pp or the launch"
+        )
 
 
 def _num_experts(g: Graph) -> int | None:

@@ -2,7 +2,7 @@
 loss-free balancing). One process, or many under torchrun:
 
     glmc train glm-small --data corpus/ --steps 300
-    torchrun --nproc_per_node=2 $(which glmc) train glm-tiny --data corpus/ --ep 2
+    torchrun --nproc_per_node=4 $(which glmc) train glm-tiny --data corpus/ --pipeline 'shard{ep=2,tp=2}'
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_spec_argument(p)
     p.add_argument("--data", action="append", required=True, help="text file or folder (repeatable)")
     p.add_argument("-o", "--out", default=d.out, help=f"run folder (default {d.out})")
-    p.add_argument("--pipeline", help="passes to run first; a shard pass supplies the parallel plan")
+    p.add_argument("--pipeline", help="passes to run first; its shard{dp,ep,tp,pp} pass is the parallel plan")
     p.add_argument("--tokenizer", help="Hugging Face tokenizer.json (default: built-in bytes, 258 ids)")
     p.add_argument("--include", action="append", help="file-name glob taken from folders (default *)")
     p.add_argument("--exclude", action="append", default=[], help="skip folders/files matching this glob")
@@ -51,14 +51,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-compile", action="store_true", help="run eagerly (fast start, for tests)")
     p.add_argument("--activation-checkpoint", action="store_true")
-    p.add_argument("--dp", type=int, help="data-parallel degree (default: the world size / tp)")
-    p.add_argument("--ep", type=int, default=d.ep, help="expert-parallel degree (within dp)")
+    # Shorthands for shard{dp=..,ep=..,tp=..,pp=..}: one plan, one meaning of each degree.
+    p.add_argument("--dp", type=int, help="shard dp: replicas (default: the world size / (ep x tp x pp))")
+    p.add_argument(
+        "--ep",
+        type=int,
+        default=d.ep,
+        help="shard ep: routed experts split; a data-parallel axis for the rest",
+    )
     p.add_argument(
         "--tp",
         type=int,
         default=d.tp,
-        help="tensor-parallel degree: attention heads and dense/shared MLP columns (divides the KV heads)",
+        help="shard tp: attention heads, MLP and expert columns, vocabulary",
     )
+    p.add_argument("--pp", type=int, default=d.pp, help="shard pp: pipeline stages")
     p.add_argument("--no-fsdp", action="store_true", help="replicate dense weights instead of FSDP2")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default=d.dtype)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -109,6 +116,7 @@ def config_from_args(args: argparse.Namespace) -> object:
         dp=args.dp,
         ep=args.ep,
         tp=args.tp,
+        pp=args.pp,
         fsdp=not args.no_fsdp,
         dtype=args.dtype,
         seed=args.seed,

@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from glmc.errors import CheckpointError, GlmcError
 from glmc.export.hf import ST_TORCH
-from glmc.train.parallel import expert_params
+from glmc.train.parallel import expert_params, expert_views
 from glmc.train.plan import Dist
 
 FORMAT = "glmc-train-checkpoint/1"
@@ -147,56 +147,56 @@ def _expert_names(module: nn.Module) -> set[str]:
     return {n for n, p in module.named_parameters() if id(p) in ids}
 
 
-def _wrap_experts(sd: dict[str, Any], names: set[str], mesh: Any) -> dict[str, Any]:
-    """Model or optimiser state with expert tensors as DTensors [Replicate over edp, Shard(0) over ep]."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
+def _map_experts(sd: dict[str, Any], names: set[str], fn: Any) -> dict[str, Any]:
+    """Model or optimiser state with `fn(name, tensor)` applied to the expert tensors."""
 
-    def wrap(t: Any) -> Any:
-        if isinstance(t, Tensor) and not isinstance(t, DTensor) and t.ndim >= 1:
-            return DTensor.from_local(t, mesh, [Replicate(), Shard(0)], run_check=False)
-        return t
+    def each(k: str, t: Any) -> Any:
+        return fn(k, t) if isinstance(t, Tensor) and t.ndim >= 1 else t
 
     out: dict[str, Any] = {}
     for k, v in sd.items():
         if k in names:
-            out[k] = wrap(v)
+            out[k] = each(k, v)
         elif k == "state" and isinstance(v, dict):  # optimiser state keyed by parameter name
             out[k] = {
-                pk: ({sk: wrap(sv) for sk, sv in pv.items()} if pk in names else pv) for pk, pv in v.items()
+                pk: ({sk: each(pk, sv) for sk, sv in pv.items()} if pk in names else pv) for pk, pv in v.items()
             }
         else:
             out[k] = v
     return out
 
 
-def _unwrap(sd: Any) -> Any:
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(sd, dict):
-        return {k: _unwrap(v) for k, v in sd.items()}
-    if isinstance(sd, DTensor) and sd.device_mesh.mesh_dim_names == ("edp", "ep"):
-        return sd.to_local()
-    return sd
+def _unwrap(sd: dict[str, Any], views: dict[str, Any]) -> dict[str, Any]:
+    """Loaded state with each expert tensor back to this rank's piece (parallel.ExpertView)."""
+    names = set(views)
+    return {k: _map_experts(v, names, lambda n, t: views[n].local(t)) for k, v in sd.items()}
 
 
 def _sharded_state(module: nn.Module, opts: list[torch.optim.Optimizer], d: Dist) -> dict[str, Any]:
+    """Model and optimiser state; expert tensors as their checkpoint view (parallel.ExpertView:
+    the global [E, ...] tensors, sliced over ep or gathered)."""
     model_sd, optim_sd = get_state_dict(module, opts)
-    if d.plan.ep > 1:
-        names, mesh = _expert_names(module), d.ep_mesh
-        model_sd = _wrap_experts(model_sd, names, mesh)
-        optim_sd = _wrap_experts(optim_sd, names, mesh)
+    views = expert_views(module, d)
+    if views:
+        names = set(views)
+        model_sd = _map_experts(model_sd, names, lambda n, t: views[n].present(t))
+        optim_sd = _map_experts(optim_sd, names, lambda n, t: views[n].present(t))
     return {"model": model_sd, "optim": optim_sd}
 
 
-def _local_piece(t: Tensor, rank: int = 0) -> tuple[Tensor, tuple[int, ...], tuple[int, ...], bool]:
+def _local_piece(
+    t: Tensor, rank: int = 0, base: int = 0
+) -> tuple[Tensor, tuple[int, ...], tuple[int, ...], bool]:
     """(local tensor, its offset in the global tensor, the global shape, whether this rank
     writes it).
 
-    The writer of a DTensor piece is its first replica: coordinate 0 on every mesh dimension the
-    tensor is replicated over, within the sub-mesh that holds rank 0 — a DTensor on a slice of
-    the world (FSDP2 over the dp ranks of one tp index) is replicated over the other slices. A
-    plain tensor is replicated on every rank; rank 0 writes it. Loading checks that the pieces
-    cover each tensor exactly once, so a wrong guess fails loudly."""
+    `base` is the first rank of this rank's pipeline stage (0 without pipeline parallel): a
+    stage's tensors live on its ranks only. The writer of a DTensor piece is its first replica:
+    coordinate 0 on every mesh dimension the tensor is replicated over, within the sub-mesh that
+    holds `base` — a DTensor on a slice of the stage (FSDP2 over the dp ranks of one tp index)
+    is replicated over the other slices. A plain tensor is replicated on every rank of the
+    stage; `base` writes it. Loading checks that the pieces cover each tensor exactly once, so a
+    wrong guess fails loudly."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(t, DTensor):
@@ -205,11 +205,44 @@ def _local_piece(t: Tensor, rank: int = 0) -> tuple[Tensor, tuple[int, ...], tup
         coord = mesh.get_coordinate()
         owner = (
             coord is not None
-            and bool((mesh.mesh == 0).any())
+            and bool((mesh.mesh == base).any())
             and all(c == 0 for c, p in zip(coord, t.placements, strict=True) if p.is_replicate())
         )
         return t.to_local(), tuple(int(o) for o in chunk.offsets), tuple(t.shape), owner
-    return t, (0,) * t.ndim, tuple(t.shape), rank == 0
+    return t, (0,) * t.ndim, tuple(t.shape), rank == base
+
+
+def _stage_base(d: Dist) -> int:
+    """The first rank of this rank's pipeline stage (pp is the outermost mesh axis)."""
+    return d.rank - d.rank % (d.world // d.plan.pp)
+
+
+def _param_of(key: str) -> str | None:
+    """The parameter a model or optimiser-state path belongs to (`model/NAME`, `optim/state/NAME/...`)."""
+    parts = key.split("/")
+    if parts[0] == "model" and len(parts) == 2:
+        return parts[1]
+    if parts[:2] == ["optim", "state"] and len(parts) > 2:
+        return parts[2]
+    return None
+
+
+def _stage_values(values: dict[str, Any], d: Dist) -> dict[str, Any]:
+    """Under pipeline parallel each stage's optimisers hold its own parameters: the groups'
+    parameter lists are joined in stage order (= the one-process order, a copy counted once);
+    every other entry (lr, betas, ...) is the same on every stage."""
+    if d.plan.pp == 1:
+        return values
+    stages: list[dict[str, Any]] = [{} for _ in range(d.plan.pp)]
+    dist.all_gather_object(stages, values, group=d.pp_group)
+    out = dict(stages[0])
+    for key in out:
+        if key.endswith("/params"):
+            joined: list[Any] = []
+            for st in stages:
+                joined += [n for n in st.get(key, []) if n not in joined]
+            out[key] = joined
+    return out
 
 
 # --- saving ------------------------------------------------------------------------------------
@@ -262,12 +295,16 @@ def save(
     tensors: dict[str, Tensor] = {}
     pieces: dict[str, dict[str, list[int]]] = {}
     values: dict[str, Any] = {}
+    base = _stage_base(d)
+    # A pipeline's last stage holds the MTP layer's embedding as a copy (pipeline_parallel.py):
+    # its owner on the first stage writes it, and a loading copy reads the owner's pieces.
+    copies = getattr(module, "copy_names", frozenset())
     for key, leaf in _flatten(_sharded_state(module, opts, d)):
         if not isinstance(leaf, Tensor):
             values[key] = leaf
             continue
-        local, offset, global_shape, owner = _local_piece(leaf, d.rank)
-        if owner:
+        local, offset, global_shape, owner = _local_piece(leaf, d.rank, base)
+        if owner and _param_of(key) not in copies:
             # A copy: safetensors refuses tensors sharing storage (FSDP2 shards are views).
             tensors[key] = local.detach().to("cpu", copy=True).contiguous()
             pieces[key] = {"offset": list(offset), "global_shape": list(global_shape)}
@@ -275,6 +312,7 @@ def save(
     if d.device.type == "cuda":
         tensors[RNG_CUDA] = torch.cuda.get_rng_state(d.device)
     meta = {_META_KEY: json.dumps({"format": FORMAT, "rank": d.rank, "world": d.world, "pieces": pieces})}
+    values = _stage_values(values, d)
     try:
         _write_rank_file(tmp / rank_file(d.rank), tensors, meta)
         if d.is_main:
@@ -515,9 +553,10 @@ def _fill(ck: Checkpoint, key: str, target: Tensor, files: dict[Path, Any]) -> N
         raise CheckpointError(f"{ck.path}: the stored pieces of {key} {how}; the checkpoint is corrupt")
 
 
-def _restored_values(ck: Checkpoint, targets: dict[str, Any]) -> dict[str, Any]:
+def _restored_values(ck: Checkpoint, targets: dict[str, Any], stage: bool = False) -> dict[str, Any]:
     """The checkpoint's non-tensor optimiser entries, typed like this run's (tuples stay tuples);
-    execution flags keep this plan's values."""
+    execution flags keep this plan's values. `stage`: this rank holds one pipeline stage, whose
+    groups hold a part of each stored group's parameters (in the stored order)."""
     out: dict[str, Any] = {}
     for key, now in targets.items():
         if key.rsplit("/", 1)[-1] in _EXECUTION_FLAGS:
@@ -527,6 +566,8 @@ def _restored_values(ck: Checkpoint, targets: dict[str, Any]) -> dict[str, Any]:
                 f"{ck.path}: holds no optimiser entry {key}; it was written for another optimiser"
             )
         v = ck.values[key]
+        if stage and key.endswith("/params") and isinstance(v, list) and [n for n in v if n in now] == list(now):
+            v = now
         if key.endswith("/params") and v != now:
             raise CheckpointError(
                 f"{ck.path}: optimiser group {key.removesuffix('/params')} holds other parameters there; "
@@ -544,10 +585,15 @@ def load(ck: Checkpoint, module: nn.Module, opts: list[torch.optim.Optimizer], d
     state = _sharded_state(module, opts, d)
     leaves = dict(_flatten(state))
     tensor_keys = {k for k, v in leaves.items() if isinstance(v, Tensor)}
-    extra = sorted(set(ck.pieces) - tensor_keys)
+    known = set(tensor_keys)
+    if d.plan.pp > 1:  # a stage holds its part: the pipeline holds the model
+        stages: list[set[str]] = [set() for _ in range(d.plan.pp)]
+        dist.all_gather_object(stages, tensor_keys, group=d.pp_group)
+        known = set().union(*stages)
+    extra = sorted(set(ck.pieces) - known)
     if extra:
         raise CheckpointError(f"{ck.path}: holds {extra[0]}, which this model and optimiser do not have")
-    values = _restored_values(ck, {k: v for k, v in leaves.items() if k not in tensor_keys})
+    values = _restored_values(ck, {k: v for k, v in leaves.items() if k not in tensor_keys}, d.plan.pp > 1)
     with contextlib.ExitStack() as stack:
         try:
             files = {
@@ -561,7 +607,7 @@ def load(ck: Checkpoint, module: nn.Module, opts: list[torch.optim.Optimizer], d
             raise CheckpointError(
                 f"{ck.path}: unreadable ({str(e)[:200]}); the checkpoint is corrupt"
             ) from None
-    state = _unwrap(_replace_leaves(state, values))
+    state = _unwrap(_replace_leaves(state, values), expert_views(module, d))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         set_state_dict(module, opts, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -644,17 +690,42 @@ def read_model_state(path: Path) -> dict[str, Tensor]:
 
 
 def full_state_dict(module: nn.Module, d: Dist) -> dict[str, Tensor]:
-    """The unsharded model state (all ranks take part; complete on rank 0), without `lm.`."""
-    names = _expert_names(module)
-    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if d.plan.ep > 1:
-        params = dict(module.named_parameters())
-        for n in sorted(names):
-            local = params[n].detach()
-            parts = [torch.empty_like(local) for _ in range(d.plan.ep)]
-            dist.all_gather(parts, local.contiguous(), group=d.ep_group)
-            sd[n] = torch.cat(parts).cpu()
+    """The unsharded model state (all ranks take part; complete on rank 0), without `lm.`.
+    Under pipeline parallel every stage gathers its part, and the first rank of each stage sends
+    it to rank 0 (the copy of the embedding is not sent: its owner's is the same)."""
+    # cpu_offload keeps the gathered tensors on global rank 0 only, which holds no later stage.
+    offload = d.plan.pp == 1
+    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
+    params = dict(module.named_parameters())
+    for n, view in sorted(expert_views(module, d).items()):  # every rank gathers, in one order
+        sd[n] = view.piece.full(params[n].detach()).cpu()
+    if d.plan.pp > 1:
+        copies = getattr(module, "copy_names", frozenset())
+        sd = _gather_stages({k: cast(Tensor, v) for k, v in sd.items() if k not in copies}, d)
     return {k.removeprefix("lm."): cast(Tensor, v) for k, v in sd.items()}
+
+
+def _gather_stages(sd: dict[str, Tensor], d: Dist) -> dict[str, Tensor]:
+    """Rank 0 receives every stage's full tensors from its pipeline (the first rank of each
+    stage: names, shapes and dtypes first, then the tensors one by one)."""
+    if d.rank % (d.world // d.plan.pp):  # not on rank 0's pipeline: nothing to send
+        return {}
+    names = sorted(sd)
+    table = [(k, tuple(sd[k].shape), str(sd[k].dtype).removeprefix("torch.")) for k in names]
+    tables: list[list[tuple[str, tuple[int, ...], str]]] = [[] for _ in range(d.plan.pp)]
+    dist.all_gather_object(tables, table, group=d.pp_group)
+    ranks = dist.get_process_group_ranks(d.pp_group)
+    if d.rank != 0:
+        for k in names:
+            dist.send(sd[k].detach().to(d.device).contiguous(), dst=0, group=d.pp_group)
+        return {}
+    out = {k: v.cpu() for k, v in sd.items()}
+    for stage in range(1, d.plan.pp):
+        for k, shape, dtype in tables[stage]:
+            buf = torch.empty(shape, dtype=getattr(torch, dtype), device=d.device)
+            dist.recv(buf, src=ranks[stage], group=d.pp_group)
+            out[k] = buf.cpu()
+    return out
 
 
 def export_hf(module: nn.Module, spec: Any, out: Path, d: Dist) -> Path | None:

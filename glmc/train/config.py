@@ -20,7 +20,7 @@ class TrainConfig:
     spec: Any = "glm-tiny"  # a ModelSpec, preset, spec file, HF config or checkpoint folder (resolve_spec)
     data: tuple[str, ...] = ()  # text files or folders
     out: str = "runs/train"  # run folder: metrics.jsonl, checkpoints/, hf/
-    pipeline: str | None = None  # passes to run on the graph (a shard pass supplies the plan)
+    pipeline: str | None = None  # passes to run on the graph (its shard pass is the parallel plan)
     # data
     tokenizer: str | None = None  # a Hugging Face tokenizer.json; None = built-in byte-level
     include: tuple[str, ...] = ("*",)  # file-name globs taken from folders
@@ -47,10 +47,13 @@ class TrainConfig:
     # execution
     compile: bool = True
     activation_checkpoint: bool = False
-    dp: int | None = None  # data-parallel degree (None: world size / (tp * pp))
-    ep: int = 1  # expert-parallel degree (borrows from the data-parallel ranks)
-    tp: int = 1  # tensor-parallel degree for attention (heads split over tp ranks)
-    fsdp: bool = True  # FSDP2-shard dense weights over the data-parallel ranks when dp > 1
+    # Shorthands for shard{dp,ep,tp,pp} (the pass's mesh pp x dp x ep x tp = world size; ep is
+    # also a data-parallel axis for non-expert weights, so dp x ep ranks read distinct data).
+    dp: int | None = None  # replicas (None: world size / (ep * tp * pp))
+    ep: int = 1  # expert-parallel degree
+    tp: int = 1  # tensor-parallel degree (heads, MLP and expert columns, vocabulary)
+    pp: int = 1  # pipeline stages
+    fsdp: bool = True  # FSDP2-shard non-expert weights over the dp x ep data-parallel ranks
     seed: int = 0
     dtype: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; or "fp32", "bf16"
     # bookkeeping
@@ -91,6 +94,7 @@ class TrainConfig:
             None if self.dp is None else _integer(self.dp, "dp (--dp)", 1),
             _integer(self.ep, "ep (--ep)", 1),
             _integer(self.tp, "tp (--tp)", 1),
+            _integer(self.pp, "pp (--pp)", 1),
             # The sampler seeds torch.Generator with seed * 1_000_003 + epoch, which must fit 64 bits.
             _integer(self.seed, "seed (--seed)", 0, 2**32 - 1),
             _integer(self.log_every, "log_every (--log-every)", 1),

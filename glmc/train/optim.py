@@ -90,7 +90,13 @@ class Muon(torch.optim.Optimizer):
                 buf.lerp_(p.grad, 1 - mom)
                 u = p.grad.lerp(buf, mom) if group["nesterov"] else buf
                 o: Tensor
-                if isinstance(u, DTensor):
+                piece = getattr(p, "glmc_piece", None)
+                if piece is not None and piece.has("tp"):
+                    # Expert-TP slice: orthogonalise each whole expert matrix (gathered over tp),
+                    # then keep this rank's columns; the ep slots are whole experts already.
+                    tp_piece = piece.only("tp")
+                    o = tp_piece.local(self._orthogonalise(tp_piece.full(u), group).to(u.dtype))
+                elif isinstance(u, DTensor):
                     placements = u.placements
                     if u.ndim == 3 and all(isinstance(pl, Shard) and pl.dim == 0 for pl in placements):
                         # Whole experts per rank: orthogonalise the local ones, no gather.
@@ -160,18 +166,23 @@ def build_schedulers(
 
 
 @torch.no_grad()
-def clip_grad_norm(params: list[nn.Parameter], replicas: dict[int, int], max_norm: float) -> float:
+def clip_grad_norm(params: list[nn.Parameter], replicas: dict[int, int | Tensor], max_norm: float) -> float:
     """Global L2 norm of all gradients across ranks, then scale them to at most `max_norm`.
 
     Each rank holds a local piece of each gradient: a DTensor shard, an expert-parallel slice,
-    or a full replica. `replicas[id(p)]` says on how many ranks the same piece lives, so
+    or a full replica. `replicas[id(p)]` says on how many ranks the same piece lives (for expert
+    slots one count per slot: a redundant expert lives on more ranks), so
     Σ_ranks Σ_params |piece|² / replicas is the square of the true global norm."""
     total = torch.zeros((), dtype=torch.float64)
     for p in params:
         if p.grad is None:
             continue
         g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-        total += g.double().pow(2).sum().cpu() / replicas.get(id(p), 1)
+        rep = replicas.get(id(p), 1)
+        if isinstance(rep, Tensor):  # per leading slot
+            total += (g.double().pow(2).flatten(1).sum(1).cpu() / rep).sum()
+        else:
+            total += g.double().pow(2).sum().cpu() / rep
     if dist.is_initialized() and dist.get_world_size() > 1:
         t = total.to(params[0].device)
         dist.all_reduce(t)

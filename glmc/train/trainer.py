@@ -32,6 +32,7 @@ import torch.distributed as dist
 from glmc.api import build_torch, compile_graph, resolve_spec
 from glmc.errors import GlmcError
 from glmc.ir import flops_per_token
+from glmc.passes.shard import check_launch
 from glmc.resources import check_training
 from glmc.train import balance, checkpoint, run_folder
 from glmc.train.config import TrainConfig
@@ -39,7 +40,8 @@ from glmc.train.data import PackedData, check_vocab, list_files, load_tokens, ma
 from glmc.train.losses import training_loss
 from glmc.train.optim import build_optimizers, build_schedulers, clip_grad_norm
 from glmc.train.parallel import parallelize, replicas, sync_grads
-from glmc.train.plan import Dist, ParallelPlan, plan_from_graph, setup, teardown, world_from_env
+from glmc.train.pipeline_parallel import PipelineRunner, check_microbatches, pipeline_module
+from glmc.train.plan import Dist, ParallelPlan, plan_pipeline, setup, teardown, world_from_env
 from glmc.train.telemetry import Telemetry, default_peak_tflops
 
 
@@ -51,24 +53,10 @@ class TrainResult:
     hf_dir: Path | None = None
 
 
-def resolve_plan(cfg: TrainConfig, from_graph: ParallelPlan | None, world: int) -> ParallelPlan:
-    if from_graph is not None:
-        if (
-            (cfg.dp is not None and cfg.dp != from_graph.dp)
-            or (cfg.ep != 1 and cfg.ep != from_graph.ep)
-            or (cfg.tp != 1 and cfg.tp != from_graph.tp)
-        ):
-            raise GlmcError(
-                f"--dp/--ep/--tp ({cfg.dp}, {cfg.ep}, {cfg.tp}) disagree with the shard pass's plan "
-                f"(dp={from_graph.dp}, ep={from_graph.ep}, tp={from_graph.tp}); give one or the other"
-            )
-        return from_graph
-    dp = cfg.dp if cfg.dp is not None else max(1, world // cfg.tp)
-    return ParallelPlan(dp=dp, ep=cfg.ep, tp=cfg.tp)
-
-
 def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    from glmc.runtime.cpu import fast_bf16  # auto: bf16 autocast (fp32 master weights) where fast
+
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and fast_bf16(device)[0])
     if bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -76,28 +64,30 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractCont
 
 def train(cfg: TrainConfig) -> TrainResult:
     spec = resolve_spec(cfg.spec)
-    graph = compile_graph(spec, cfg.pipeline)
     _, world, _ = world_from_env()
+    # --dp/--ep/--tp/--pp are shorthands for a shard pass: one plan, read from the passed graph.
+    pipeline = plan_pipeline(cfg.pipeline, dp=cfg.dp, ep=cfg.ep, tp=cfg.tp, pp=cfg.pp, world=world)
+    graph = compile_graph(spec, pipeline)
+    check_launch(graph, world)  # the pass's rule: its mesh against the launch, naming the degrees
+    check_trainable(graph)
+    check_microbatches(cfg.grad_accum, ParallelPlan.from_graph(graph).pp)
     check_training(spec, world)  # refuse a model that cannot fit, before allocating
-    plan = resolve_plan(cfg, plan_from_graph(graph), world)
-    num_experts = spec.moe.num_experts if spec.moe is not None else None
-    d = setup(plan, num_experts, spec.attention.num_kv_heads, tp_mlp_sizes(spec))
+    d = setup(ParallelPlan.from_graph(graph))
     try:
         return _train(cfg, spec, graph, d)
     finally:
         teardown(d)
 
 
-def tp_mlp_sizes(spec: Any) -> dict[str, int]:
-    """Intermediate sizes of the MLPs tensor parallel splits by columns (dense and shared expert)."""
-    sizes = {}
-    if spec.num_dense_layers > 0:
-        sizes["dense MLP (mlp.intermediate_size)"] = spec.mlp.intermediate_size
-    if spec.moe is not None and spec.moe.num_shared_experts:
-        sizes["shared expert (moe.intermediate_size x num_shared_experts)"] = (
-            spec.moe.intermediate_size * spec.moe.num_shared_experts
-        )
-    return sizes
+def check_trainable(graph: Any) -> None:
+    """What the passed graph asks for that training cannot do, refused before any model exists."""
+    for n in graph.nodes:
+        for p in n.params:
+            if p.dtype.is_float8:
+                raise GlmcError(
+                    f"train: the pipeline ran quantize-fp8 ({n.name}.{p.name} is {p.dtype}); training FP8 "
+                    f"weights is not supported: drop quantize-fp8 from --pipeline"
+                )
 
 
 def micro_batch_size(cfg: TrainConfig, dp: int) -> int:
@@ -123,7 +113,7 @@ def _gradient_sync(module: torch.nn.Module, on: bool) -> None:
 def _prepare_data(cfg: TrainConfig, vocab_size: int, d: Dist) -> tuple[PackedData, dict[str, Any]]:
     tok = make_tokenizer(cfg.tokenizer)
     check_vocab(tok, vocab_size)
-    micro_batch_size(cfg, d.plan.dp)
+    micro_batch_size(cfg, d.plan.data_parallel)
     # The run folder is never training data, even when it lies inside a --data folder.
     files = list_files(cfg.data, cfg.include, cfg.exclude, skip=(cfg.run_dir,))
     tokens = load_tokens(files, tok, cfg.max_bytes)
@@ -169,17 +159,25 @@ def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
                     r.e_score_correction_bias.copy_(torch.tensor(cfg.init_router_bias))
     if cfg.compile:
         torch._dynamo.config.capture_scalar_outputs = True  # EP split sizes come from .tolist()
-    module = parallelize(
-        lm,  # type: ignore[arg-type]
-        d,
-        compile=cfg.compile,
-        activation_checkpoint=cfg.activation_checkpoint,
-        fsdp=cfg.fsdp,
-    )
+    pipe: PipelineRunner | None = None
+    if d.plan.pp > 1:  # this rank's stage under a 1F1B schedule (pipeline_parallel.py)
+        module, pipe = pipeline_module(lm, graph, d, cfg, micro_batch_size(cfg, d.plan.data_parallel))  # type: ignore[arg-type]
+        rs = balance.routers(module)  # the stage's own routers: their counts stay in the stage
+    else:
+        module = parallelize(
+            lm,  # type: ignore[arg-type]
+            graph,
+            d,
+            compile=cfg.compile,
+            activation_checkpoint=cfg.activation_checkpoint,
+            fsdp=cfg.fsdp,
+        )
     opts = build_optimizers(module, cfg)
     scheds = build_schedulers(opts, cfg)
     params = list(module.parameters())
     reps = replicas(module, d)
+    if pipe is not None:
+        reps = pipe.replicas(reps)
     start = 0
     if ck is not None:
         checkpoint.load(ck, module, opts, d)
@@ -193,11 +191,11 @@ def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
     )
     train_flops = flops_per_token(graph, cfg.seq_len)["training"]
     accum = cfg.grad_accum
-    micro = micro_batch_size(cfg, d.plan.dp)
+    micro = micro_batch_size(cfg, d.plan.data_parallel)
     tele = Telemetry(cfg.run_dir, d.is_main, cfg.progress, cfg.steps, start, cfg.log_every)
     tele.say(
         f"[bold]glmc train[/] {spec.name}: {data_info['tokens']:,} tokens from {data_info['files']} files "
-        f"({data_info['num_sequences']:,} sequences of {cfg.seq_len}); plan dp={d.plan.dp} ep={d.plan.ep} tp={d.plan.tp}; "
+        f"({data_info['num_sequences']:,} sequences of {cfg.seq_len}); plan {d.plan.describe()}; "
         f"global batch {cfg.batch_size}"
         + (f" ({cfg.grad_accum} micro-batches of {micro} per rank)" if cfg.grad_accum > 1 else "")
         + f"; {cfg.optimizer}; compile={cfg.compile}; device {d.device}; "
@@ -207,7 +205,7 @@ def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
         tele.say(begin.note)
     result = TrainResult(cfg.run_dir)
     top_k = spec.moe.top_k if spec.moe is not None else 1
-    dp = d.plan.dp
+    dp = d.plan.data_parallel  # ranks reading distinct data: dp x ep
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
@@ -216,7 +214,9 @@ def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
             # Sums over the micro-batches of (total, CE, MTP, balance); the step's losses are their means.
             sums = torch.zeros(4, device=d.device)
             has_mtp = has_bal = False
-            for m in range(accum):
+            if pipe is not None:  # the schedule runs every micro-batch's forward and backward
+                sums, has_mtp, has_bal = pipe.step(ids, labels, _autocast(cfg, d.device)), pipe.has_mtp, pipe.balance
+            for m in range(accum if pipe is None else 0):
                 if accum > 1:  # FSDP2 reduce-scatters in the last micro-batch's backward only
                     _gradient_sync(module, m == accum - 1)
                 part = slice(m * micro, (m + 1) * micro)
@@ -238,8 +238,10 @@ def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
                 ])  # fmt: skip
                 del logits, mtp_logits, stats, losses
             sync_grads(module, d, cfg.fsdp)
+            if pipe is not None:
+                pipe.sync_grads()
             gnorm = clip_grad_norm(params, reps, cfg.grad_clip)
-            # Summed over the data-parallel ranks only: a dp rank's tp ranks see the same tokens.
+            # Summed over the data-parallel ranks (dp x ep) only: a data rank's tp ranks see the same tokens.
             counts = balance.global_counts(rs, d.dp_group, reduce=dp > 1) if rs else None
             if counts is not None:
                 balance.update_bias(rs, counts, cfg.bias_update_rate)
@@ -253,11 +255,14 @@ def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
             vals = sums / accum
             if d.world > 1:
                 dist.all_reduce(vals)
-                vals /= d.world  # each dp rank's losses appear on its tp ranks (world = dp·tp)
+                vals /= d.world // d.plan.pp  # only the last stage holds losses; each data rank's losses appear on its tp ranks (world = dp·ep·tp)
             total, lm_loss, mtp_loss, bal_loss = vals.tolist()
             dt = time.perf_counter() - t0
             tok_s = cfg.batch_size * cfg.seq_len / dt  # the global batch: every micro-batch of every rank
-            imb = balance.imbalance(counts) if counts is not None else []
+            if pipe is not None:
+                imb = pipe.imbalance(counts)  # every stage's layers, in layer order
+            else:
+                imb = balance.imbalance(counts) if counts is not None else []
             rec: dict[str, Any] = {
                 "step": step + 1,
                 "loss": total,

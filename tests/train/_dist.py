@@ -204,7 +204,7 @@ class Probe:
     before the first optimizer steps, every parameter's full gradient (after the gradient sync,
     clipping and the bias update) is fingerprinted; after the last one steps, every parameter's and
     router bias's full value. "Full" undoes the plan: DTensor shards (FSDP2, TP) are gathered,
-    expert-parallel slices concatenated over their EP group; replicated tensors are this rank's
+    expert slices reassembled from the ep/tp ranks by the pass's ShardSpecs; replicated tensors are this rank's
     copy, so a replica that was not synchronised shows up as a rank that disagrees."""
 
     def __init__(self) -> None:
@@ -231,19 +231,19 @@ class Probe:
         import torch.distributed as dist
         from torch.distributed.tensor import DTensor
 
-        from glmc.export.torch.ep import EPExperts
+        from glmc.export.torch.ep import ShardedExperts
 
-        ep_group = {id(p): m for m in model.modules() if isinstance(m, EPExperts) for p in m.parameters()}
+        pieces = {
+            id(p): p.glmc_piece for m in model.modules() if isinstance(m, ShardedExperts) for p in m.parameters()
+        }
         params = list(model.named_parameters())
         biases = [(n, b) for n, b in model.named_buffers() if n.endswith(ROUTER_BIAS)]
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
 
         def full(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            m = ep_group.get(id(p))
-            if m is not None:  # this rank's E/ep experts; the EP group holds all E
-                parts = [torch.empty_like(t) for _ in range(m.ep)]
-                dist.all_gather(parts, t.contiguous(), group=m.group)
-                return torch.cat(parts)
+            piece = pieces.get(id(p))
+            if piece is not None:  # this rank's expert slots (and tp columns): gathered as the pass split them
+                return piece.full(t)
             return t.full_tensor() if isinstance(t, DTensor) else t
 
         @torch.no_grad()
