@@ -86,6 +86,18 @@ def test_to_hf_matches_layout_and_splits_experts(tiny: Graph) -> None:
     assert not any(".experts.gate_up_proj" in n or n.startswith("model.mtp.") for n in hf)
 
 
+def test_to_hf_reads_a_non_contiguous_state(tiny: Graph) -> None:
+    state = random_state(tiny)
+    # Same values, column-major storage: experts are cut from these as from contiguous ones.
+    strided = {k: v.mT.contiguous().mT if v.dim() >= 2 else v for k, v in state.items()}
+    assert not strided["model.layers.2.mlp.experts.gate_up_proj"].is_contiguous()
+    want = dict(to_hf(tiny, state))
+    got = dict(to_hf(tiny, strided))
+    assert list(got) == list(want)
+    for k, w in want.items():
+        assert got[k].is_contiguous() and torch.equal(got[k], w), k
+
+
 def test_mtp_layer_is_renamed_and_carries_copies(tiny: Graph) -> None:
     state = random_state(tiny)
     hf = dict(to_hf(tiny, state))

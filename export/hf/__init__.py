@@ -11,25 +11,30 @@ tensors as pieces of the Hugging Face ("logical") tensors, `produce` makes them 
 bounded by a few tensors.
 """
 
+from glmc.ir.naming import hf_name
+
 from .assemble import assemble
 from .fp8 import dequantize, quantize
 from .layout import OutTensor, Piece, plan_checkpoint, rank_dir, ranks, unquantized_modules
 from .logical import DictCheckpoint, LogicalSource, RawCheckpoint
-from .names import HFTensor, Part, hf_name, hf_tensor_layout, hf_tensors
+from .names import HFTensor, hf_tensor_layout, hf_tensors
 from .produce import produce
 from .quant_config import quantization_config, recipe_of
 from .safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
     ST_TORCH,
+    TORCH_DTYPES,
+    Planned,
     SafetensorsCheckpoint,
+    StreamingCheckpoint,
+    StreamingWriter,
     open_checkpoint,
     shard_name,
     write_checkpoint,
     write_safetensors,
 )
-from .stream_io import Planned, StreamingCheckpoint, StreamingWriter
-from .weights import TORCH_DTYPES, TensorReader, check_finite, from_hf, to_hf
+from .weights import TensorReader, check_finite, from_hf, to_hf
 
 __all__ = [
     "INDEX_FILE",
@@ -40,7 +45,6 @@ __all__ = [
     "HFTensor",
     "LogicalSource",
     "OutTensor",
-    "Part",
     "Piece",
     "Planned",
     "RawCheckpoint",

@@ -22,13 +22,11 @@ writes converts back to the Hugging Face one bit for bit.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from glmc.ir import DType, Graph, Node, Param, ParamRole, local_shape, mesh_of, shard_specs, stage_of
 from glmc.ir.naming import hf_name
 from glmc.ir.quant import BLOCK, cdiv, scale_suffix
-
-from .names import resolve_tie
 
 Coords = dict[str, int]
 
@@ -80,6 +78,7 @@ class OutTensor:
     recipe: str | None = None
     scale_name: str | None = None
     scale_shape: tuple[int, ...] | None = None
+    param: str = ""  # the IR parameter (full name) it is cut from
 
 
 def ranks(graph: Graph) -> list[Coords | None]:
@@ -111,7 +110,8 @@ def plan_checkpoint(graph: Graph, coords: Coords | None = None) -> list[OutTenso
             if p.role is ParamRole.SCALE or not p.attr("checkpoint", True):
                 continue
             groups = ctx.pieces(node, p)
-            out += _fused_tensor(ctx, node, p, groups) if fused else _hf_tensors(ctx, p, groups)
+            made = _fused_tensor(ctx, node, p, groups) if fused else _hf_tensors(ctx, p, groups)
+            out += [replace(t, param=f"{node.name}.{p.name}") for t in made]
     return out
 
 
@@ -128,6 +128,19 @@ def unquantized_modules(graph: Graph) -> list[str]:
         module = name.rsplit(".", 1)[0] if p.role is ParamRole.EXPERT else name.removesuffix(".weight")
         out[module] = None
     return list(out)
+
+
+def resolve_tie(params: dict[str, Param], fqn: str) -> str:
+    """Follow `tied_to` to the parameter that owns the storage (ties may chain)."""
+    seen = {fqn}
+    while (tied := params[fqn].tied_to) is not None:
+        if tied not in params:
+            raise ValueError(f"{fqn} is tied to {tied}, which is not a parameter of the graph")
+        if tied in seen:
+            raise ValueError(f"parameter ties form a cycle through {tied}")
+        seen.add(tied)
+        fqn = tied
+    return fqn
 
 
 class _Context:

@@ -21,13 +21,13 @@ from glmc.ir.quant import scale_suffix
 
 from .fp8 import dequantize
 from .layout import OutTensor, Piece
-from .stream_io import TORCH_ST
+from .safetensors_io import TORCH_ST
 
 _FP8 = DType.F8E4M3.safetensors  # the FP8 weights glmc reads (E4M3, with scales)
 
 
 class RawCheckpoint(Protocol):
-    """Stored tensors by name, readable in flat element ranges (stream_io.StreamingCheckpoint,
+    """Stored tensors by name, readable in flat element ranges (safetensors_io.SafetensorsCheckpoint,
     or `DictCheckpoint` for tensors in memory)."""
 
     def keys(self) -> list[str]: ...

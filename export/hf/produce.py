@@ -11,7 +11,7 @@ from glmc.ir import CheckpointError
 from . import fp8
 from .layout import OutTensor
 from .logical import LogicalSource
-from .stream_io import TORCH_ST as _ST
+from .safetensors_io import TORCH_ST as _ST
 from .weights import check_finite
 
 

@@ -22,9 +22,15 @@ from .layout import OutTensor, plan_checkpoint, rank_dir, ranks, unquantized_mod
 from .logical import DictCheckpoint, LogicalSource
 from .produce import produce
 from .quant_config import quantization_config
-from .safetensors_io import DEFAULT_MAX_SHARD_BYTES, TORCH_ST, write_checkpoint
-from .stream_io import Planned, StreamingWriter
-from .weights import TORCH_DTYPES, to_hf
+from .safetensors_io import (
+    DEFAULT_MAX_SHARD_BYTES,
+    TORCH_DTYPES,
+    TORCH_ST,
+    Planned,
+    StreamingWriter,
+    write_checkpoint,
+)
+from .weights import to_hf
 
 CONVERT_FILE = "glmc_convert.json"  # describes a folder in a passed layout: passes, plan, ranks
 

@@ -1,7 +1,8 @@
 """Streaming weight transforms between glmc's in-memory state dict and the Hugging Face layout.
 
 `to_hf` and `from_hf` are inverses: `from_hf(g, dict(to_hf(g, state)))` returns `state` bit for
-bit when `state` is in the graph's dtypes. Names and shapes come from `names.hf_tensors`.
+bit when `state` is in the graph's dtypes. Names, shapes and where each tensor lies in its
+parameter come from `names.hf_tensors`, that is from the layout engine (layout.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from glmc.ir import CheckpointError, DType, Graph, ParamRole
 from glmc.ir.naming import hf_layer
 
-from .names import HFTensor, Part, hf_tensors
+from .names import HFTensor, hf_tensors
 from .safetensors_io import TORCH_DTYPES, TORCH_ST
 
 
@@ -42,8 +43,9 @@ def to_hf(graph: Graph, state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str
 
     Experts come out as views into the stacked tensors when no cast is needed; the MTP
     embed/head copies are real copies, so no two yielded tensors share memory."""
+    dense: dict[str, torch.Tensor] = {}  # non-contiguous parameters of the current node, made contiguous once
     for t in hf_tensors(graph):
-        yield t.name, _export(t, state)
+        yield t.name, _export(t, state, dense)
 
 
 def from_hf(
@@ -68,12 +70,12 @@ def from_hf(
         if t.copy:
             continue
         target = _target_dtype(t, model_dtype, dtype)
-        if t.part is Part.WHOLE:
+        if t.whole:
             state[t.param] = loaded = src.load(t.name).to(target)
         else:
             if t.param not in state:
                 state[t.param] = torch.empty(t.param_shape, dtype=target)
-            loaded = _expert_slice(state[t.param], t)
+            loaded = _part(state[t.param], t)
             loaded.copy_(src.load(t.name))
         if not allow_nonfinite:
             check_finite(loaded, t.name, src.where(t.name))
@@ -111,7 +113,7 @@ def check_finite(t: torch.Tensor, name: str, where: str, origin: Sequence[int] =
 # ---- to_hf helpers ------------------------------------------------------------------------------
 
 
-def _export(t: HFTensor, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def _export(t: HFTensor, state: Mapping[str, torch.Tensor], dense: dict[str, torch.Tensor]) -> torch.Tensor:
     if t.param not in state:
         raise KeyError(f"state dict has no {t.param!r}, needed for checkpoint tensor {t.name}")
     w = state[t.param].detach()
@@ -119,20 +121,26 @@ def _export(t: HFTensor, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
         raise ValueError(
             f"state dict tensor {t.param} has shape {_fmt(w.shape)}, expected {_fmt(t.param_shape)}"
         )
-    w = _expert_slice(w, t)
+    if not t.whole and not w.is_contiguous():
+        # A part is a flat range of its parameter; an experts node's two parameters alternate.
+        if t.param not in dense:
+            if len(dense) >= 2:
+                dense.clear()
+            dense[t.param] = w.contiguous()
+        w = dense[t.param]
+    w = _part(w, t)
     dt = TORCH_DTYPES[t.dtype]
     # Copies must not alias their source: safetensors refuses tensors that share memory.
-    return w.to(dtype=dt, memory_format=torch.contiguous_format, copy=t.copy)
+    # (`to` keeps a strided tensor as it is when nothing converts, hence `contiguous`.)
+    return w.to(dtype=dt, copy=t.copy).contiguous()
 
 
-def _expert_slice(w: torch.Tensor, t: HFTensor) -> torch.Tensor:
-    """The checkpoint tensor's part of its (stacked) IR parameter, as a view."""
-    if t.part is Part.WHOLE:
+def _part(w: torch.Tensor, t: HFTensor) -> torch.Tensor:
+    """The checkpoint tensor's part of its (stacked) IR parameter, as a view when `w` is
+    contiguous: the parameter is its checkpoint tensors back to back (names.py)."""
+    if t.whole:
         return w
-    if t.part is Part.EXPERT_DOWN:
-        return w[t.expert]
-    inter = t.shape[0]  # gate_up_proj[e] is [gate; up], each [I, H]
-    return w[t.expert, :inter] if t.part is Part.EXPERT_GATE else w[t.expert, inter:]
+    return w.reshape(-1)[t.offset : t.offset + t.numel].view(t.shape)
 
 
 # ---- from_hf helpers ----------------------------------------------------------------------------
