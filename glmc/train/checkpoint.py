@@ -159,7 +159,8 @@ def _map_experts(sd: dict[str, Any], names: set[str], fn: Any) -> dict[str, Any]
             out[k] = each(k, v)
         elif k == "state" and isinstance(v, dict):  # optimiser state keyed by parameter name
             out[k] = {
-                pk: ({sk: each(pk, sv) for sk, sv in pv.items()} if pk in names else pv) for pk, pv in v.items()
+                pk: ({sk: each(pk, sv) for sk, sv in pv.items()} if pk in names else pv)
+                for pk, pv in v.items()
             }
         else:
             out[k] = v
@@ -298,7 +299,7 @@ def save(
     base = _stage_base(d)
     # A pipeline's last stage holds the MTP layer's embedding as a copy (pipeline_parallel.py):
     # its owner on the first stage writes it, and a loading copy reads the owner's pieces.
-    copies = getattr(module, "copy_names", frozenset())
+    copies: frozenset[str] = getattr(module, "copy_names", frozenset())
     for key, leaf in _flatten(_sharded_state(module, opts, d)):
         if not isinstance(leaf, Tensor):
             values[key] = leaf
@@ -566,7 +567,12 @@ def _restored_values(ck: Checkpoint, targets: dict[str, Any], stage: bool = Fals
                 f"{ck.path}: holds no optimiser entry {key}; it was written for another optimiser"
             )
         v = ck.values[key]
-        if stage and key.endswith("/params") and isinstance(v, list) and [n for n in v if n in now] == list(now):
+        if (
+            stage
+            and key.endswith("/params")
+            and isinstance(v, list)
+            and [n for n in v if n in now] == list(now)
+        ):
             v = now
         if key.endswith("/params") and v != now:
             raise CheckpointError(
@@ -699,10 +705,11 @@ def full_state_dict(module: nn.Module, d: Dist) -> dict[str, Tensor]:
     params = dict(module.named_parameters())
     for n, view in sorted(expert_views(module, d).items()):  # every rank gathers, in one order
         sd[n] = view.piece.full(params[n].detach()).cpu()
+    full = {k: cast(Tensor, v) for k, v in sd.items()}
     if d.plan.pp > 1:
-        copies = getattr(module, "copy_names", frozenset())
-        sd = _gather_stages({k: cast(Tensor, v) for k, v in sd.items() if k not in copies}, d)
-    return {k.removeprefix("lm."): cast(Tensor, v) for k, v in sd.items()}
+        copies: frozenset[str] = getattr(module, "copy_names", frozenset())
+        full = _gather_stages({k: v for k, v in full.items() if k not in copies}, d)
+    return {k.removeprefix("lm."): v for k, v in full.items()}
 
 
 def _gather_stages(sd: dict[str, Tensor], d: Dist) -> dict[str, Tensor]:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -50,7 +50,8 @@ from torch import Tensor, nn
 from glmc.errors import GlmcError
 from glmc.export.torch.model import GLMForCausalLM
 from glmc.ir import Graph, stage_of
-from glmc.train.balance import imbalance
+from glmc.train.balance import imbalance, routers
+from glmc.train.config import TrainConfig
 from glmc.train.losses import sequence_balance_loss, training_loss
 from glmc.train.plan import Dist
 
@@ -346,7 +347,7 @@ class PipelineRunner:
             if p.grad is not None:
                 dist.all_reduce(_local(p.grad), group=self.embed_group)
 
-    def replicas(self, base: dict[int, int]) -> dict[int, int]:
+    def replicas(self, base: dict[int, int | Tensor]) -> dict[int, int | Tensor]:
         """`base`: on how many ranks of this stage each parameter's piece lives (the one-stage
         count); the norm all-reduce runs over the whole world, and the embedding's piece also
         lives on the other end of the pipeline."""
@@ -364,9 +365,29 @@ class PipelineRunner:
         return [x for part in parts for x in part]
 
 
-def stage_dist(d: Dist) -> Dist:
-    """`d` as seen by one stage: the world is the stage's ranks (for counts of replicas)."""
-    return replace(d, world=d.world // d.plan.pp)
+def pipeline_module(
+    lm: GLMForCausalLM, graph: Graph, d: Dist, cfg: TrainConfig, micro_size: int
+) -> tuple[nn.Module, PipelineRunner]:
+    """This rank's stage of `lm`, placed and wrapped like a whole model (`parallelize` with
+    `StageModule` as the root), and the runner of its schedule."""
+    from glmc.train.parallel import parallelize
+
+    rs = routers(lm)  # of the whole model: the balance loss runs where one process has one
+    balance, top_k = cfg.balance_loss > 0 and bool(rs), rs[0].top_k if rs else 1
+    stage = stage_plan(graph, d.pp_rank)
+    split_stages(lm, stage)
+    module = parallelize(
+        lm, graph, d,
+        compile=cfg.compile, activation_checkpoint=cfg.activation_checkpoint, fsdp=cfg.fsdp,
+        root=functools.partial(StageModule, stage=stage, balance=balance, top_k=top_k),
+    )  # fmt: skip
+    runner = PipelineRunner(
+        module, d,
+        microbatches=cfg.grad_accum, micro_size=micro_size, seq_len=cfg.seq_len,
+        hidden=int(graph.attr("hidden_size")), vocab=int(graph.attr("vocab_size")),
+        num_mtp=int(graph.attr("num_mtp_layers")), mtp_weight=cfg.mtp_weight, balance_weight=cfg.balance_loss,
+    )  # fmt: skip
+    return module, runner
 
 
 def _is_embedding(name: str) -> bool:

@@ -1,0 +1,178 @@
+"""Pipeline-parallel training (`shard{pp=2}` alone, with data parallel and with expert parallel)
+trains what one process trains: step for step the losses, the global gradient norm, the expert
+loads, every parameter's gradient and updated value, and every final weight and router bias
+(`_dist.assert_same_run`, after joining each pipeline's stages into one run).
+
+A stage's ranks hold only their stage's parameters, so each pipeline (the pp ranks at one
+data-parallel coordinate) is joined into one "rank" of the comparison. The embedding is held on
+the first stage and, for the MTP layer, as a copy on the last: the two must agree at every step
+(the copy may not drift), which the join checks before keeping one."""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ._dist import Probe, Rendezvous, Run, Tolerances, assert_same_run, join_world, probed_train, spawn
+from .conftest import STDLIB_JSON, tiny_config
+
+STEPS = 20
+EMBEDDING = "lm.model.embed_tokens.weight"
+
+
+class StageProbe(Probe):
+    """`Probe`, plus the final values on every rank (a stage's parameters are not on rank 0)."""
+
+    def _attach(self, model: torch.nn.Module, cfg: Any, opts: list[torch.optim.Optimizer]) -> None:
+        from torch.distributed.tensor import DTensor
+
+        super()._attach(model, cfg, opts)
+        params = list(model.named_parameters())
+        biases = [(n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
+
+        def full(p: torch.Tensor) -> torch.Tensor:
+            piece = getattr(p, "glmc_piece", None)
+            t = p.detach()
+            if piece is not None:  # expert slots: gathered as the pass split them (a collective)
+                return piece.full(t)
+            return t.full_tensor() if isinstance(t, DTensor) else t
+
+        @torch.no_grad()
+        def after(opt: Any, args: Any, kwargs: Any) -> None:
+            if len(self.weights) == cfg.steps:  # Probe's own hook (registered first) has counted it
+                values = [(n, full(p)) for n, p in params] + biases
+                self.final = {n: v.detach().clone() for n, v in values}
+
+        opts[-1].register_step_post_hook(after)
+
+
+def pp_worker(rank: int, world: int, rdv: Rendezvous, cfg: Any, queue: Any) -> None:
+    try:
+        join_world(rank, world, rdv)
+        from glmc.train import train
+
+        with StageProbe() as probe:
+            result = train(cfg)
+        run = probe.run(result.records)
+        queue.put((rank, "ok", run.losses, run))
+    except BaseException as e:
+        queue.put((rank, "error", f"{type(e).__name__}: {e}", traceback.format_exc()))
+        raise
+
+
+def _join(parts: list[dict[str, Any]], what: str, tol: float) -> dict[str, Any]:
+    """One dict from the stages' dicts; a name on two stages (the embedding and its copy) must
+    hold the same value on both."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for name, value in part.items():
+            if name in out:
+                assert name == EMBEDDING, f"{what}: {name} on two stages"
+                a, b = out[name], value
+                if isinstance(a, torch.Tensor):
+                    torch.testing.assert_close(
+                        a, b, rtol=0, atol=0, msg=f"{what}: the embedding copy drifted"
+                    )
+                else:
+                    assert all(
+                        abs(x - y) <= tol * max(abs(a[0]), 1e-30) for x, y in zip(a, b, strict=True)
+                    ), f"{what}: the embedding copy drifted: {a} vs {b}"
+            out[name] = value
+    return out
+
+
+def join_pipelines(
+    results: dict[int, tuple[str, Any, Any]], world: int, pp: int
+) -> dict[int, tuple[str, Any, Any]]:
+    """{data-parallel coordinate: ("ok", losses, Run of its whole pipeline)}: each rank's own
+    records must be the pipeline's (losses, norms and loads are global)."""
+    for rank, (status, a, b) in results.items():
+        assert status == "ok", f"rank {rank}: {a}\n{b}"
+    assert sorted(results) == list(range(world)), sorted(results)
+    stage_world = world // pp
+    out = {}
+    for v in range(stage_world):
+        runs: list[Run] = [results[s * stage_world + v][2] for s in range(pp)]
+        records = runs[-1].records
+        for s, run in enumerate(runs):
+            assert [r["loss"] for r in run.records] == [r["loss"] for r in records], (
+                f"stage {s} logged other losses"
+            )
+            assert [r["load_imbalance"] for r in run.records] == [r["load_imbalance"] for r in records]
+        steps = len(records)
+        grads = [_join([r.grads[i] for r in runs], f"gradient at step {i + 1}", 1e-6) for i in range(steps)]
+        weights = [_join([r.weights[i] for r in runs], f"weight at step {i + 1}", 0.0) for i in range(steps)]
+        final = _join([r.final for r in runs], "final weights", 0.0)
+        out[v] = ("ok", [r["loss"] for r in records], Run(records, grads, weights, final))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    run = probed_train(tiny_config(tmp_path_factory.mktemp("single"), STDLIB_JSON, steps=STEPS))
+    assert run.losses[-1] < run.losses[0] - 1.0  # it learns: the runs compared are not constants
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("pipeline", "world", "accum"),
+    [
+        ("shard{pp=2}", 2, 2),  # two stages, two micro-batches of 2 sequences
+        ("shard{pp=2,dp=2}", 4, 2),  # FSDP2 over each stage's 2 data ranks, micro-batches of 1
+        ("shard{pp=2,ep=2}", 4, 2),  # 4 experts per ep rank in each stage, FSDP2 for the rest
+    ],
+    ids=["pp2", "pp2xdp2", "pp2xep2"],
+)
+def test_pipeline_run_matches_one_process(
+    tmp_path: Path, reference: Run, pipeline: str, world: int, accum: int
+) -> None:
+    cfg = tiny_config(tmp_path, STDLIB_JSON, steps=STEPS, pipeline=pipeline, grad_accum=accum)
+    results = join_pipelines(spawn(pp_worker, world, cfg), world, pp=2)
+    worst = assert_same_run(results, reference, world // 2, Tolerances())
+    print(f"{pipeline} on {world} ranks: largest relative differences {worst}")
+
+
+# --- checkpoints, resume and the Hugging Face export under PP ------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("pipeline", "world"), [("shard{pp=2}", 2), ("shard{pp=2,ep=2}", 4)], ids=["pp2", "pp2xep2"]
+)
+def test_pipeline_checkpoints_resume_bit_for_bit_and_export_every_stage(
+    tmp_path: Path, pipeline: str, world: int
+) -> None:
+    import glmc
+    from glmc.train import train
+    from glmc.train.checkpoint import read_model_state
+
+    from ._dist import run_distributed
+
+    kw: dict[str, Any] = {"steps": 6, "grad_accum": 2, "pipeline": pipeline}
+    full = run_distributed(
+        tiny_config(tmp_path / "full", STDLIB_JSON, save_every=3, export_hf=True, **kw), world
+    )
+    assert all(status == "ok" for status, _, _ in full.values()), full
+    losses = full[0][1]
+    middle = tmp_path / "full" / "checkpoints" / "step-000003"
+    resumed = run_distributed(tiny_config(tmp_path / "resumed", STDLIB_JSON, resume=str(middle), **kw), world)
+    for rank, (status, got, detail) in resumed.items():
+        assert status == "ok", f"rank {rank}: {got}\n{detail}"
+        assert got == losses[3:], f"rank {rank}: resumed {got} vs {losses[3:]}"  # bit for bit
+
+    # The export holds every stage's weights: exactly the last checkpoint's model.
+    stored = read_model_state(tmp_path / "full" / "checkpoints" / "step-000006")
+    exported = glmc.from_pretrained(tmp_path / "full" / "hf").state_dict()
+    assert {k.removeprefix("lm.") for k in stored} == set(exported)
+    for k, v in stored.items():
+        torch.testing.assert_close(exported[k.removeprefix("lm.")], v, rtol=0, atol=0, msg=k)
+
+    # Another plan reads it back: one process continues the pipeline's run (other micro-batch
+    # shapes round differently, so close rather than equal).
+    alone = train(tiny_config(tmp_path / "alone", STDLIB_JSON, resume=str(middle), steps=6))
+    assert [r["loss"] for r in alone.records] == pytest.approx(losses[3:], rel=1e-5)
