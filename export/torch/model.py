@@ -16,7 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from glmc.ir import GlmcError, Graph, Node, Op
+from glmc.ir import (
+    AttentionAttrs,
+    EmbedAttrs,
+    GlmcError,
+    Graph,
+    LmHeadAttrs,
+    Node,
+    Op,
+    RmsNormAttrs,
+    RouterAttrs,
+)
 from glmc.ir.quant import RECIPES, scale_param_name, scale_shape
 from glmc.kernels.dispatch import dequantize_fp8
 
@@ -70,13 +80,14 @@ def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Attention(nn.Module):
     def __init__(self, n: Node) -> None:
         super().__init__()
-        self.nh, self.nkv, self.d = n.attr("num_heads"), n.attr("num_kv_heads"), n.attr("head_dim")
-        self.rotary_dim, self.theta = n.attr("rotary_dim"), n.attr("rope_theta")
-        if n.attr("rope_scaling", None) is not None:
+        a = AttentionAttrs.of(n)
+        self.nh, self.nkv, self.d = a.num_heads, a.num_kv_heads, a.head_dim
+        self.rotary_dim, self.theta = a.rotary_dim, a.rope_theta
+        if a.rope_scaling is not None:
             raise GlmcError(
-                f"{n.name}: rope_scaling {n.attr('rope_scaling')} is not supported by the torch target yet"
+                f"{n.name}: rope_scaling {a.rope_scaling} is not supported by the torch target yet"
             )
-        bias = n.attr("qkv_bias")
+        bias = a.qkv_bias
         # fuse-moe joins q/k/v into one qkv_proj (rows q, k, v); either may be FP8.
         self.fused = n.has_param("qkv_proj.weight")
         if self.fused:
@@ -87,10 +98,10 @@ class Attention(nn.Module):
             self.v_proj = linear(n.param("v_proj.weight"), bias)
         self.o_proj = linear(n.param("o_proj.weight"), False)
         self.scale = 1.0 / math.sqrt(self.d)
-        self.qk_norm = n.attr("qk_norm")
+        self.qk_norm = a.qk_norm
         if self.qk_norm:
-            self.q_norm = RMSNorm(self.d, n.attr("eps"))
-            self.k_norm = RMSNorm(self.d, n.attr("eps"))
+            self.q_norm = RMSNorm(self.d, a.eps)
+            self.k_norm = RMSNorm(self.d, a.eps)
 
     def _qkv(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, nh, S, d], k and v [B, nkv, S, d], RoPE applied."""
@@ -169,10 +180,11 @@ class Router(KeepDtypes):
 
     def __init__(self, n: Node, prefix: str = "") -> None:
         super().__init__()
-        e = n.attr("num_experts")
-        self.top_k, self.n_group, self.topk_group = n.attr("top_k"), n.attr("n_group"), n.attr("topk_group")
-        self.norm_topk_prob, self.scale = n.attr("norm_topk_prob"), n.attr("routed_scaling_factor")
-        self.weight = nn.Parameter(torch.empty(e, n.attr("hidden")))
+        a = RouterAttrs.of(n)  # a router node, or a moe node (which has the router's fields)
+        e = a.num_experts
+        self.top_k, self.n_group, self.topk_group = a.top_k, a.n_group, a.topk_group
+        self.norm_topk_prob, self.scale = a.norm_topk_prob, a.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(e, a.hidden))
         # A buffer, not a parameter: loss-free balancing updates it outside the optimizer. Always fp32.
         self.e_score_correction_bias: Tensor | None
         if n.has_param(prefix + "e_score_correction_bias"):
@@ -220,8 +232,8 @@ class Experts(KeepDtypes):
     def __init__(self, n: Node, prefix: str = "") -> None:
         super().__init__()
         gu, dn = n.param(prefix + "gate_up_proj"), n.param(prefix + "down_proj")
-        self.recipe: str | None = gu.attr("quant", None)
-        if (dn.attr("quant", None)) != self.recipe:
+        self.recipe: str | None = gu.attrs.quant
+        if dn.attrs.quant != self.recipe:
             raise GlmcError(f"{n.name}: gate_up_proj and down_proj must share an FP8 recipe")
         self.gate_up_proj: Tensor
         self.down_proj: Tensor
@@ -364,10 +376,10 @@ class GLMModel(nn.Module):
     def __init__(self, g: Graph) -> None:
         super().__init__()
         emb = g.node("model.embed_tokens")
-        self.embed_tokens = nn.Embedding(emb.attr("vocab"), emb.attr("dim"))
-        self.layers = nn.ModuleList(DecoderLayer(g, f"model.layers.{i}") for i in range(g.attr("num_layers")))
+        self.embed_tokens = nn.Embedding(EmbedAttrs.of(emb).vocab, EmbedAttrs.of(emb).dim)
+        self.layers = nn.ModuleList(DecoderLayer(g, f"model.layers.{i}") for i in range(g.attrs.num_layers))
         self.norm = _norm(g.node("model.norm"))
-        self.mtp = nn.ModuleList(MTPLayer(g, f"model.mtp.{k}") for k in range(g.attr("num_mtp_layers")))
+        self.mtp = nn.ModuleList(MTPLayer(g, f"model.mtp.{k}") for k in range(g.attrs.num_mtp_layers))
         ropes = {
             (cast(DecoderLayer, m).self_attn.rotary_dim, cast(DecoderLayer, m).self_attn.theta)
             for m in [*self.layers, *self.mtp]
@@ -423,7 +435,7 @@ class GLMForCausalLM(nn.Module):
         if self.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(head.attr("dim"), head.attr("vocab"), bias=False)
+            self.lm_head = nn.Linear(LmHeadAttrs.of(head).dim, LmHeadAttrs.of(head).vocab, bias=False)
 
     def head(self, h: Tensor) -> Tensor:
         if self.lm_head is None:
@@ -590,7 +602,7 @@ def static_attention_mask(positions: Tensor, length: int) -> Tensor:
 
 
 def _norm(n: Node) -> RMSNorm:
-    return RMSNorm(n.attr("dim"), n.attr("eps"))
+    return RMSNorm(RmsNormAttrs.of(n).dim, RmsNormAttrs.of(n).eps)
 
 
 _SUPPORTED = {Op.INPUT, Op.EMBED, Op.RMSNORM, Op.ATTENTION, Op.MLP, Op.ROUTER, Op.EXPERTS, Op.MOE, Op.ADD,
@@ -603,10 +615,10 @@ def _check_supported(g: Graph) -> None:
         if n.op not in _SUPPORTED:
             raise GlmcError(f"the torch target cannot emit op {n.op} (node {n.name})")
         for p in n.params:
-            if p.dtype.is_float8 and (n.op not in _FP8_HOLDERS or p.attr("quant", None) not in RECIPES):
+            if p.dtype.is_float8 and (n.op not in _FP8_HOLDERS or p.attrs.quant not in RECIPES):
                 raise GlmcError(
                     f"the torch target cannot hold {n.name}.{p.name} as {p.dtype} "
-                    f"(quant={p.attr('quant', None)}): FP8 GEMM weights of quantize-fp8 only"
+                    f"(quant={p.attrs.quant}): FP8 GEMM weights of quantize-fp8 only"
                 )
 
 
