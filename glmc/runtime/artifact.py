@@ -27,18 +27,25 @@ class Artifact:
     backend: Backend
     folder: Path
     target: str
+    dtype: str = "fp32"
+    dtype_note: str = ""  # why --dtype auto chose `dtype`
 
     @property
     def spec(self) -> ModelSpec:
         return self.backend.spec
 
 
-def open_artifact(path: str | Path, target: str | None = None) -> Artifact:
+def open_artifact(
+    path: str | Path, target: str | None = None, dtype: str = "fp32", compiled: bool = False
+) -> Artifact:
+    """`dtype` ("fp32", "bf16" for the torch backend only: the exported graphs are fp32; "auto":
+    bf16 where this machine computes it faster than fp32, see glmc.runtime.cpu) and
+    `compiled` (the torch backend's fixed-shape steps under torch.compile) pick how it runs."""
     p = Path(path)
     if not p.is_dir():
         raise GlmcError(f"artifact folder not found: {p}")
     if (p / BUILD_FILE).is_file():
-        return _open_build(p, target)
+        return _open_build(p, target, dtype, compiled)
     found = _kind(p)
     if found is None:
         raise GlmcError(
@@ -47,20 +54,20 @@ def open_artifact(path: str | Path, target: str | None = None) -> Artifact:
         )
     if target is not None and target != found:
         raise GlmcError(f"{p} holds a {found} artifact, not {target}")
-    return _open(p, found)
+    return _open(p, found, dtype, compiled)
 
 
-def _open_build(p: Path, target: str | None) -> Artifact:
+def _open_build(p: Path, target: str | None, dtype: str, compiled: bool) -> Artifact:
     present = [t for t in PREFERENCE if (p / t).is_dir()]
     if target is not None:
         if target not in RUNNABLE:
             raise GlmcError(f"--target {target}: generate runs {', '.join(sorted(RUNNABLE))}")
         if target not in present:
             raise GlmcError(f"{p} has no {target}/ folder (it has: {', '.join(present) or 'none'})")
-        return _open(p / target, target)
+        return _open(p / target, target, dtype, compiled)
     if not present:
         raise GlmcError(f"build folder {p} has no runnable target folder ({', '.join(PREFERENCE)})")
-    return _open(p / present[0], present[0])
+    return _open(p / present[0], present[0], dtype, compiled)
 
 
 def _kind(p: Path) -> str | None:
@@ -84,12 +91,32 @@ def read_runtime_manifest(p: Path) -> dict[str, Any]:
     return data
 
 
-def _open(p: Path, target: str) -> Artifact:
+def _open(p: Path, target: str, dtype: str = "fp32", compiled: bool = False) -> Artifact:
+    if dtype not in ("auto", "fp32", "bf16"):
+        raise GlmcError(f"--dtype must be auto, fp32 or bf16 (got {dtype!r})")
+    note = ""
     if target in ("torch", "hf", "trtllm"):
-        from glmc.api import from_pretrained
+        import torch
 
-        model = from_pretrained(p)
-        return Artifact(TorchBackend(model, model.spec), p, target)  # type: ignore[arg-type]
+        from glmc.api import from_pretrained
+        from glmc.runtime.cpu import fast_bf16
+
+        if dtype == "auto":
+            fast, why = fast_bf16("cpu")
+            dtype, note = ("bf16" if fast else "fp32"), why
+        model = from_pretrained(p, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+        backend = TorchBackend(model, model.spec, compiled=compiled)  # type: ignore[arg-type]
+        return Artifact(backend, p, target, dtype, note)
+    if dtype == "auto":
+        dtype, note = "fp32", f"the {target} artifact is compiled for fp32"
+    if dtype != "fp32":
+        raise GlmcError(
+            f"--dtype {dtype}: the {target} artifact is compiled for fp32; use --dtype fp32 or auto"
+        )
+    if compiled:
+        raise GlmcError(
+            f"--compile applies to the torch backend; the {target} artifact is compiled ahead of time"
+        )
     if target not in RUNNABLE:
         raise GlmcError(
             f"{p} is a {target} artifact, which generate cannot run here (it runs {', '.join(sorted(RUNNABLE))})"
@@ -106,9 +133,9 @@ def _open(p: Path, target: str) -> Artifact:
         from glmc.runtime.backend_onnx import OnnxBackend
 
         try:
-            return Artifact(OnnxBackend(p, spec, files), p, target)
+            return Artifact(OnnxBackend(p, spec, files), p, target, dtype, note)
         except ModuleNotFoundError:
             raise GlmcError("running an onnx artifact needs onnxruntime: pip install 'glmc[onnx]'") from None
     from glmc.runtime.backend_aoti import AotiBackend
 
-    return Artifact(AotiBackend(p, spec, files), p, target)
+    return Artifact(AotiBackend(p, spec, files), p, target, dtype, note)

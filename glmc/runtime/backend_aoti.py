@@ -14,7 +14,7 @@ from glmc.spec import ModelSpec
 
 class AotiBackend(GraphBackend):
     name = "aoti"
-    max_batch = 1  # the packages are compiled for batch 1 (glmc.export.aoti)
+    max_batch: int | None = 1  # the packages are compiled for batch 1 (glmc.export.aoti)
 
     def __init__(self, folder: Path, spec: ModelSpec, files: dict[str, str]) -> None:
         from torch._inductor import aoti_load_package

@@ -128,7 +128,7 @@ class TorchSteps:
 
     def _step(self, fn: Any, eager: Any, prefill: bool, *args: Any) -> tuple[Tensor, Tensor]:
         if prefill:
-            return eager(*args)  # type: ignore[no-any-return]
+            return eager(*args)
         from glmc.kernels import use_kernels
 
         for m in self._experts:
@@ -137,7 +137,7 @@ class TorchSteps:
             # The router in plain torch: a Triton router is an opaque op to a CUDA graph's capture.
             with use_kernels("torch"):
                 if not self.backend.compiled:
-                    return eager(*args)  # type: ignore[no-any-return]
+                    return eager(*args)
                 if self.cuda:
                     torch.compiler.cudagraph_mark_step_begin()
                 out = fn(*args)

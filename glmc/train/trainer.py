@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from glmc.api import build_torch, compile_graph, resolve_spec
 from glmc.errors import GlmcError
-from glmc.ir import flops_per_token
+from glmc.ir import flops_per_token, shard_specs
 from glmc.passes.shard import check_launch
 from glmc.resources import check_training
 from glmc.train import balance, checkpoint, run_folder
@@ -68,8 +68,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     # --dp/--ep/--tp/--pp are shorthands for a shard pass: one plan, read from the passed graph.
     pipeline = plan_pipeline(cfg.pipeline, dp=cfg.dp, ep=cfg.ep, tp=cfg.tp, pp=cfg.pp, world=world)
     graph = compile_graph(spec, pipeline)
-    check_launch(graph, world)  # the pass's rule: its mesh against the launch, naming the degrees
     check_trainable(graph)
+    check_launch(graph, world)  # the pass's rule: its mesh against the launch, naming the degrees
     check_microbatches(cfg.grad_accum, ParallelPlan.from_graph(graph).pp)
     check_training(spec, world)  # refuse a model that cannot fit, before allocating
     d = setup(ParallelPlan.from_graph(graph))
@@ -81,6 +81,11 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def check_trainable(graph: Any) -> None:
     """What the passed graph asks for that training cannot do, refused before any model exists."""
+    if graph.attrs.quantization is not None:  # ran, even where it kept every weight (too small)
+        raise GlmcError(
+            f"train: the pipeline ran quantize-fp8 (recipe {graph.attrs.quantization}); training FP8 "
+            f"weights is not supported: drop quantize-fp8 from --pipeline"
+        )
     for n in graph.nodes:
         for p in n.params:
             if p.dtype.is_float8:
@@ -88,6 +93,12 @@ def check_trainable(graph: Any) -> None:
                     f"train: the pipeline ran quantize-fp8 ({n.name}.{p.name} is {p.dtype}); training FP8 "
                     f"weights is not supported: drop quantize-fp8 from --pipeline"
                 )
+            for sp in shard_specs(p):
+                if sp.axis == "tp" and any(r > 1 for r in sp.replicas):
+                    raise GlmcError(
+                        f"train: the shard pass replicates KV heads over tp ({n.name}.{p.name}: tp > "
+                        f"num_kv_heads); training gives each tp rank whole KV heads of its own: use a smaller tp"
+                    )
 
 
 def micro_batch_size(cfg: TrainConfig, dp: int) -> int:
@@ -215,7 +226,11 @@ def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
             sums = torch.zeros(4, device=d.device)
             has_mtp = has_bal = False
             if pipe is not None:  # the schedule runs every micro-batch's forward and backward
-                sums, has_mtp, has_bal = pipe.step(ids, labels, _autocast(cfg, d.device)), pipe.has_mtp, pipe.balance
+                sums, has_mtp, has_bal = (
+                    pipe.step(ids, labels, _autocast(cfg, d.device)),
+                    pipe.has_mtp,
+                    pipe.balance,
+                )
             for m in range(accum if pipe is None else 0):
                 if accum > 1:  # FSDP2 reduce-scatters in the last micro-batch's backward only
                     _gradient_sync(module, m == accum - 1)
@@ -255,7 +270,9 @@ def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
             vals = sums / accum
             if d.world > 1:
                 dist.all_reduce(vals)
-                vals /= d.world // d.plan.pp  # only the last stage holds losses; each data rank's losses appear on its tp ranks (world = dp·ep·tp)
+                vals /= (
+                    d.world // d.plan.pp
+                )  # only the last stage holds losses; each data rank's losses appear on its tp ranks (world = dp·ep·tp)
             total, lm_loss, mtp_loss, bal_loss = vals.tolist()
             dt = time.perf_counter() - t0
             tok_s = cfg.batch_size * cfg.seq_len / dt  # the global batch: every micro-batch of every rank
