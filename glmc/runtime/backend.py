@@ -68,7 +68,8 @@ class TorchBackend:
     max_fixed_tokens = 9
 
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, compiled: bool = False) -> None:
-        self.model: Any = model.eval()
+        self.model: Any = model
+        model.eval()
         self.spec = spec
         self.compiled = compiled
         self._steps: dict[tuple[int, int], TorchSteps] = {}
