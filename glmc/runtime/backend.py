@@ -9,7 +9,7 @@ logits [B, S, V]; hidden [B, S, H]; each cache entry k, v [B, nkv, P, d].
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -68,8 +68,7 @@ class TorchBackend:
     max_fixed_tokens = 9
 
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, compiled: bool = False) -> None:
-        self.model: Any = model
-        model.eval()
+        self.model: Any = cast(Any, model.eval())
         self.spec = spec
         self.compiled = compiled
         self._steps: dict[tuple[int, int], TorchSteps] = {}
