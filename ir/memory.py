@@ -14,6 +14,13 @@ rank that holds the most (the worst case). Counted:
   same piece (`dp`, times `ep` for non-expert parameters). Activations are not counted;
 - K and V bytes one token adds to the cache of the stage's attention layers (trunk and MTP
   separately), with KV heads split over `tp` (a replicated head counts on every rank).
+
+`TrainingAssumptions.glmc_train()` states what `glmc train` really holds, so `glmc inspect
+--train` predicts its bytes exactly: parameters and gradients in fp32, no master copy; Muon's
+momentum (one state) for every matrix but the embedding and head, AdamW's m and v plus its
+4-byte step tensor for those, norms and biases (`--optimizer adamw`: AdamW everywhere); FSDP2
+chunks dim 0 of every weight except the routed experts the pass split (held whole per slot) over
+the dp x ep data-parallel ranks — the figures are the rank holding the first chunks (the most).
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ from .attrs import AttentionAttrs
 from .dtypes import DType
 from .graph import Graph, Param, ParamRole
 from .ops import Op
-from .placement import max_local_numel, mesh_of, replicated_over, stage_of
+from .placement import max_local_numel, mesh_of, replicated_over, shard_specs, stage_of
 
 _NOT_TRAINED = (ParamRole.ROUTER_BIAS, ParamRole.SCALE)
+_ADAMW_ROLES = (ParamRole.EMBEDDING, ParamRole.OUTPUT)  # glmc train: AdamW for these (GLM-4.5)
 
 
 @dataclass(frozen=True)
@@ -41,13 +49,32 @@ class TrainingAssumptions:
     optimizer_states: int = 2
     shard_optimizer: bool = False
     kv: DType | None = None  # None: the graph's dtype
+    param: DType | None = None  # None: each parameter's storage dtype
+    # "muon" / "adamw": glmc train's optimisers by parameter (overrides optimizer_states)
+    optimizers: str | None = None
+    fsdp: bool = False  # FSDP2: dim 0 chunked over dp x ep (not the split routed experts)
+
+    @classmethod
+    def glmc_train(cls, optimizer: str = "muon", fsdp: bool = True) -> TrainingAssumptions:
+        """What `glmc train` holds per rank (fp32 weights; see the module docstring)."""
+        if optimizer not in ("muon", "adamw"):
+            raise ValueError(f"optimizer must be muon or adamw, got {optimizer!r}")
+        return cls(param=DType.F32, master=None, optimizers=optimizer, fsdp=fsdp)
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "params": "storage dtype of each parameter",
+            "params": str(self.param) if self.param else "storage dtype of each parameter",
             "grad": str(self.grad),
             "master": str(self.master) if self.master else "none",
-            "optimizer": f"{self.optimizer_states} x {self.optimizer}",
+            "optimizer": (
+                f"glmc train's {self.optimizers}: Muon 1 x {self.optimizer} for matrices but embedding/head, "
+                f"AdamW 2 x {self.optimizer} + an f32 step for the rest"
+                if self.optimizers == "muon"
+                else f"AdamW 2 x {self.optimizer} + an f32 step"
+                if self.optimizers == "adamw"
+                else f"{self.optimizer_states} x {self.optimizer}"
+            ),
+            "fsdp": self.fsdp,
             "shard_optimizer": self.shard_optimizer,
             "kv_cache": str(self.kv) if self.kv else "graph dtype",
             "activations": "not counted",
@@ -70,14 +97,32 @@ class _Stage:
 
     def add_param(self, p: Param, numel: int, replicas: int, opts: TrainingAssumptions) -> None:
         self.params += numel
-        self.param_bytes += numel * p.dtype.itemsize
+        self.param_bytes += numel * (opts.param or p.dtype).itemsize
         if p.role in _NOT_TRAINED:
             return
         self.grad_bytes += numel * opts.grad.itemsize
         held = _ceil_div(numel, replicas) if opts.shard_optimizer else numel
         if opts.master is not None:
             self.master_bytes += held * opts.master.itemsize
-        self.optimizer_bytes += held * opts.optimizer_states * opts.optimizer.itemsize
+        if opts.optimizers is None:
+            self.optimizer_bytes += held * opts.optimizer_states * opts.optimizer.itemsize
+        elif opts.optimizers == "muon" and len(p.shape) >= 2 and p.role not in _ADAMW_ROLES:
+            self.optimizer_bytes += held * opts.optimizer.itemsize  # the momentum buffer
+        else:  # AdamW: exp_avg, exp_avg_sq, and the step count as an f32 scalar tensor
+            self.optimizer_bytes += 2 * held * opts.optimizer.itemsize + DType.F32.itemsize
+
+
+def _fsdp_numel(p: Param, mesh: dict[str, int]) -> int:
+    """Elements of `p` on the rank holding FSDP2's first dim-0 chunk of its (tp/ep-local) piece."""
+    shape = list(p.shape)
+    for s in shard_specs(p):
+        shape[s.dim] = max(map(len, s.index)) if s.index else s.local_size(mesh[s.axis], 0)
+    if shape:
+        shape[0] = _ceil_div(shape[0], mesh["dp"] * mesh["ep"])
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def per_rank_memory(g: Graph, opts: TrainingAssumptions | None = None) -> dict[str, Any]:
@@ -96,7 +141,14 @@ def per_rank_memory(g: Graph, opts: TrainingAssumptions | None = None) -> dict[s
         for p in n.params:
             if p.tied_to is not None and owner_stage.get(p.tied_to) == s:
                 continue  # shares the owner's storage on this stage
-            stages[s].add_param(p, max_local_numel(p, mesh), replicated_over(p, mesh), opts)
+            # FSDP2 shards what it owns (trained weights but the pass's split experts; buffers not).
+            fsdp = (
+                opts.fsdp
+                and p.role not in _NOT_TRAINED
+                and not (p.role is ParamRole.EXPERT and shard_specs(p))
+            )
+            numel = _fsdp_numel(p, mesh) if fsdp else max_local_numel(p, mesh)
+            stages[s].add_param(p, numel, replicated_over(p, mesh), opts)
         if n.op is Op.ATTENTION:
             a, tp = AttentionAttrs.of(n), mesh["tp"]
             local_heads = a.num_kv_heads // tp if tp <= a.num_kv_heads else 1

@@ -37,6 +37,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="ZeRO-1: split master weights and optimizer states over the data-parallel replicas",
     )
     t.add_argument("--kv-dtype", help="KV-cache dtype (default: the model dtype)")
+    t.add_argument(
+        "--train",
+        action="store_true",
+        help="what `glmc train` holds: f32 weights and grads, no master copy, Muon momentum (AdamW m, v "
+        "and step for embedding, head, norms, biases), FSDP2 over dp x ep; replaces the dtype options",
+    )
+    t.add_argument(
+        "--optimizer",
+        choices=("muon", "adamw"),
+        default="muon",
+        help="with --train: glmc train's --optimizer",
+    )
+    t.add_argument("--no-fsdp", action="store_true", help="with --train: glmc train's --no-fsdp")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,6 +107,8 @@ def _training(args: argparse.Namespace) -> Any:
         except ValueError as e:
             raise GlmcError(f"--{flag}: {e}") from None
 
+    if args.train:
+        return TrainingAssumptions.glmc_train(args.optimizer, fsdp=not args.no_fsdp)
     if args.optimizer_states < 0:
         raise GlmcError(f"--optimizer-states must be >= 0, got {args.optimizer_states}")
     return TrainingAssumptions(

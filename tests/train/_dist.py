@@ -234,7 +234,10 @@ class Probe:
         from glmc.export.torch.ep import ShardedExperts
 
         pieces = {
-            id(p): p.glmc_piece for m in model.modules() if isinstance(m, ShardedExperts) for p in m.parameters()
+            id(p): p.glmc_piece
+            for m in model.modules()
+            if isinstance(m, ShardedExperts)
+            for p in m.parameters()
         }
         params = list(model.named_parameters())
         biases = [(n, b) for n, b in model.named_buffers() if n.endswith(ROUTER_BIAS)]
@@ -242,7 +245,9 @@ class Probe:
 
         def full(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             piece = pieces.get(id(p))
-            if piece is not None:  # this rank's expert slots (and tp columns): gathered as the pass split them
+            if (
+                piece is not None
+            ):  # this rank's expert slots (and tp columns): gathered as the pass split them
                 return piece.full(t)
             return t.full_tensor() if isinstance(t, DTensor) else t
 

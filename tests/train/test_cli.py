@@ -31,8 +31,11 @@ def test_train_then_plot(tmp_path, corpus, capsys):
     ("args", "message"),
     [
         (["--data", "/no/such/corpus"], "training data not found"),
-        (["--data", "{corpus}", "--dp", "2"], "needs dp*tp*pp = 2 processes but the launch has 1"),
-        (["--data", "{corpus}", "--ep", "3"], "ep=3 must divide dp=1"),
+        (
+            ["--data", "{corpus}", "--dp", "2"],
+            "pp x dp x ep x tp = 1 x 2 x 1 x 1 needs 2 processes but the launch has 1",
+        ),
+        (["--data", "{corpus}", "--ep", "3"], "shard: ep=3 does not divide moe.num_experts=8"),
         (["--data", "{corpus}", "--batch-size", "100000"], "fewer than one global batch"),
         (["--data", "{corpus}", "--tokenizer", "/no/tokenizer.json"], "tokenizer file not found"),
         (["--data", "{corpus}", "--resume", "{tmp}/missing"], "checkpoint not found"),
@@ -40,7 +43,7 @@ def test_train_then_plot(tmp_path, corpus, capsys):
     ids=[
         "missing-data",
         "plan-vs-world",
-        "ep-vs-dp",
+        "ep-vs-experts",
         "corpus-too-small",
         "missing-tokenizer",
         "missing-ckpt",

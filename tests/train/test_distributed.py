@@ -62,9 +62,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int],
     [
         ({"dp": 2}, 2),  # FSDP2 over both ranks
         ({"dp": 2, "fsdp": False}, 2),  # replicated weights, one flat gradient all-reduce
-        ({"dp": 2, "ep": 2}, 2),  # EP=2 experts (all-to-all), FSDP2 for the dense weights
-        ({"dp": 2, "ep": 2, "fsdp": False}, 2),  # EP=2 with replicated dense weights
-        ({"tp": 2}, 2),  # TP=2 (glm-tiny: 4 query, 2 KV heads), dp=1: same batch on both ranks
+        ({"ep": 2}, 2),  # shard{ep=2}: experts over ep (all-to-all), FSDP2 over ep for the dense weights
+        ({"ep": 2, "fsdp": False}, 2),  # EP=2 with replicated dense weights
+        ({"tp": 2}, 2),  # TP=2 (glm-tiny: 4 query, 2 KV heads; experts, vocabulary): same batch on both
         ({"tp": 2}, 4),  # dp=2 x tp=2: FSDP2 over dp composed with TP over tp (one root mesh)
         ({"tp": 2, "fsdp": False}, 4),  # dp=2 x tp=2, dense gradients all-reduced over dp
         ({"dp": 2, "optimizer": "adamw"}, 2),  # fused AdamW over FSDP2's DTensor shards, no Muon

@@ -1,6 +1,7 @@
-"""Tensor parallel really splits what it says: over 2 gloo ranks, attention heads and the dense /
-shared MLPs' columns are DTensor shards, the routed experts stay whole, and the sharded model's
-logits equal the unsharded model's."""
+"""Tensor parallel really splits what the shard pass says: over 2 gloo ranks, attention heads,
+the dense / shared MLPs' columns and the vocabulary (embedding, head) are DTensor shards, the
+routed experts hold their tp columns (expert-TP), and the sharded model's logits equal the
+unsharded model's."""
 
 from __future__ import annotations
 
@@ -19,15 +20,18 @@ def _worker(rank: int, world: int, rdv: Rendezvous, queue: Any) -> None:
 
     from glmc import presets
     from glmc.api import build_torch
-    from glmc.train.parallel import tensor_parallel
+    from glmc.export.torch.ep import ShardedExperts
+    from glmc.pipeline import compile_graph
+    from glmc.train.parallel import parallelize
     from glmc.train.plan import ParallelPlan, setup, teardown
 
-    d = setup(ParallelPlan(dp=1, tp=2), 8, 2)
+    spec = presets.get("glm-tiny")
+    graph = compile_graph(spec, "shard{tp=2}")
+    d = setup(ParallelPlan.from_graph(graph))
     try:
-        spec = presets.get("glm-tiny")
         lm = build_torch(spec, dtype=torch.float32, seed=0)
         ref = copy.deepcopy(lm)
-        tensor_parallel(lm, d.tp_mesh)
+        parallelize(lm, graph, d, compile=False, activation_checkpoint=False, fsdp=False)
         dense, moe = lm.model.layers[0].mlp, lm.model.layers[1].mlp
         checks = {
             "q_proj": lm.model.layers[0].self_attn.q_proj.weight,
@@ -35,6 +39,8 @@ def _worker(rank: int, world: int, rdv: Rendezvous, queue: Any) -> None:
             "dense down_proj": dense.down_proj.weight,
             "shared up_proj": moe.shared_experts.up_proj.weight,
             "mtp shared down_proj": lm.model.mtp[0].mlp.shared_experts.down_proj.weight,
+            "embed_tokens": lm.model.embed_tokens.weight,
+            "lm_head": lm.lm_head.weight,
         }
         want = {"dense down_proj": 1, "mtp shared down_proj": 1}
         layout = {}
@@ -45,8 +51,14 @@ def _worker(rank: int, world: int, rdv: Rendezvous, queue: Any) -> None:
                 tuple(w.to_local().shape),
                 tuple(w.shape),
             )
-        routed = [p for n, p in moe.named_parameters() if "experts." in n and "shared" not in n]
-        assert routed and not any(isinstance(p, DTensor) for p in routed)
+        experts = moe.experts
+        assert isinstance(experts, ShardedExperts)
+        # Every expert, each with half of its intermediate columns: gate_up [8, 2*32/2, 64], down [8, 64, 16].
+        layout["routed"] = (
+            (tuple(experts.gate_up_proj.shape), tuple(experts.down_proj.shape)) == ((8, 32, 64), (8, 64, 16)),
+            (1,),
+            (2,),
+        )
         ids = torch.randint(0, spec.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             diff = (lm(ids) - ref(ids)).abs().max().item()

@@ -63,35 +63,52 @@ def test_warmup_then_cosine():
     assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
 
 
-def test_plan_checks_name_the_problem():
-    ParallelPlan(dp=4, ep=2).check(4, 8)
-    with pytest.raises(GlmcError, match="needs dp\\*tp\\*pp = 4 processes but the launch has 2"):
-        ParallelPlan(dp=4).check(2, 8)
-    with pytest.raises(GlmcError, match="8 experts do not split evenly over ep=3"):
-        ParallelPlan(dp=3, ep=3).check(3, 8)
-    ParallelPlan(dp=1, tp=2).check(2, 8, num_kv_heads=2)
-    with pytest.raises(GlmcError, match="2 KV heads do not split evenly over --tp 4"):
-        ParallelPlan(dp=1, tp=4).check(4, 8, num_kv_heads=2)
-    with pytest.raises(GlmcError, match="tensor parallel together with expert parallel"):
-        ParallelPlan(dp=2, ep=2, tp=2).check(4, 8, num_kv_heads=2)
-    with pytest.raises(GlmcError, match="pipeline parallel"):
-        ParallelPlan(dp=1, pp=2).check(2, 8)
-    sizes = {"dense MLP (mlp.intermediate_size)": 6, "shared expert": 4}
-    ParallelPlan(dp=1, tp=2).check(2, 8, num_kv_heads=2, mlp_sizes=sizes)
-    with pytest.raises(GlmcError, match=r"dense MLP \(mlp.intermediate_size\) intermediate size 6 .* --tp 4"):
-        ParallelPlan(dp=1, tp=4).check(4, 8, num_kv_heads=4, mlp_sizes=sizes)
+def test_the_shorthands_are_a_shard_pass():
+    from glmc.train.plan import plan_pipeline
+
+    # --dp defaults to the world over ep x tp x pp; one process without options runs no pass.
+    assert plan_pipeline(None, dp=None, ep=1, tp=1, pp=1, world=1) is None
+    assert plan_pipeline(None, dp=None, ep=2, tp=1, pp=1, world=4) == "shard{dp=2,ep=2,tp=1,pp=1}"
+    assert (
+        plan_pipeline("fuse-moe", dp=None, ep=1, tp=2, pp=1, world=2) == "fuse-moe,shard{dp=1,ep=1,tp=2,pp=1}"
+    )
+    # A pipeline with its own shard pass is the plan; shorthands may repeat it, not contradict it.
+    assert plan_pipeline("shard{ep=2}", dp=1, ep=2, tp=1, pp=1, world=2) == "shard{ep=2}"
+    with pytest.raises(
+        GlmcError, match=r"--tp 2 disagree with the pipeline's shard pass \(dp=1 ep=2 tp=1 pp=1\)"
+    ):
+        plan_pipeline("shard{ep=2}", dp=None, ep=1, tp=2, pp=1, world=2)
+
+
+def test_plan_checks_live_in_the_pass_and_name_the_degree():
+    from glmc import presets
+    from glmc.api import compile_graph
+    from glmc.passes.shard import check_launch
+
+    tiny = presets.get("glm-tiny")
+    check_launch(compile_graph(tiny, "shard{dp=2,ep=2}"), 4)
+    check_launch(compile_graph(tiny), 1)
+    with pytest.raises(
+        GlmcError, match=r"pp x dp x ep x tp = 1 x 2 x 2 x 1 needs 4 processes but the launch has 2"
+    ):
+        check_launch(compile_graph(tiny, "shard{dp=2,ep=2}"), 2)
+    with pytest.raises(GlmcError, match=r"ep=3 does not divide moe\.num_experts=8"):
+        compile_graph(tiny, "shard{ep=3}")
+    with pytest.raises(GlmcError, match=r"tp=3 does not divide attention\.num_heads=4"):
+        compile_graph(tiny, "shard{tp=3}")
 
 
 def test_plan_comes_from_the_shard_pass():
     from glmc import presets
     from glmc.api import compile_graph
-    from glmc.train.plan import plan_from_graph
 
     tiny = presets.get("glm-tiny")
-    assert plan_from_graph(compile_graph(tiny)) is None
-    # The pass's ep axis is data-parallel for dense weights: 2 data-parallel ranks, EP over both.
-    assert plan_from_graph(compile_graph(tiny, "shard{dp=1,ep=2}")) == ParallelPlan(dp=2, ep=2)
-    assert plan_from_graph(compile_graph(tiny, "shard{dp=2,ep=2}")) == ParallelPlan(dp=4, ep=2)
+    assert ParallelPlan.from_graph(compile_graph(tiny)) == ParallelPlan()
+    # One meaning of each degree: the pass's mesh, world = pp x dp x ep x tp.
+    plan = ParallelPlan.from_graph(compile_graph(tiny, "shard{dp=2,ep=2}"))
+    assert (plan.dp, plan.ep, plan.tp, plan.pp, plan.world, plan.data_parallel) == (2, 2, 1, 1, 4, 4)
+    plan = ParallelPlan.from_graph(compile_graph(tiny, "shard{ep=2,tp=2}"))
+    assert (plan.world, plan.data_parallel, plan.edp) == (4, 2, 1)
 
 
 def test_a_shard_plan_that_does_not_fit_the_launch_stops_the_cli(tmp_path, corpus, capsys):
@@ -100,7 +117,9 @@ def test_a_shard_plan_that_does_not_fit_the_launch_stops_the_cli(tmp_path, corpu
     argv = ["train", "glm-tiny", "--data", str(corpus), "-o", str(tmp_path / "r"), "--no-compile",
             "--pipeline", "shard{ep=2}"]  # fmt: skip
     assert main(argv) == 2
-    assert "needs dp*tp*pp = 2 processes but the launch has 1" in capsys.readouterr().err
+    assert (
+        "pp x dp x ep x tp = 1 x 1 x 2 x 1 needs 2 processes but the launch has 1" in capsys.readouterr().err
+    )
 
 
 def test_global_state_is_put_back_after_a_test():
