@@ -17,8 +17,19 @@ from typing import Any
 import pytest
 import torch
 
-from ._dist import Probe, Rendezvous, Run, Tolerances, assert_same_run, join_world, probed_train, spawn
+from ._dist import (
+    Probe,
+    Rendezvous,
+    Run,
+    Tolerances,
+    assert_same_run,
+    hooked_optimizers,
+    join_world,
+    probed_train,
+    spawn,
+)
 from .conftest import STDLIB_JSON, tiny_config
+from .test_shard_plans import held_bytes, inspect_train
 
 STEPS = 20
 EMBEDDING = "lm.model.embed_tokens.weight"
@@ -51,14 +62,23 @@ class StageProbe(Probe):
 
 
 def pp_worker(rank: int, world: int, rdv: Rendezvous, cfg: Any, queue: Any) -> None:
+    """Trains under the probe; reports the parameter and optimizer bytes this rank holds."""
     try:
         join_world(rank, world, rdv)
         from glmc.train import train
 
-        with StageProbe() as probe:
+        held: dict[str, int] = {}
+
+        def attach(model: torch.nn.Module, cfg: Any, opts: list[torch.optim.Optimizer]) -> None:
+            def after(*_: Any) -> None:  # the last optimizer has stepped: every state exists
+                held.update(held or held_bytes(model, opts))
+
+            opts[-1].register_step_post_hook(after)
+
+        with StageProbe() as probe, hooked_optimizers(attach):
             result = train(cfg)
         run = probe.run(result.records)
-        queue.put((rank, "ok", run.losses, run))
+        queue.put((rank, "ok", held, run))
     except BaseException as e:
         queue.put((rank, "error", f"{type(e).__name__}: {e}", traceback.format_exc()))
         raise
@@ -128,13 +148,23 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Run:
     ],
     ids=["pp2", "pp2xdp2", "pp2xep2"],
 )
-def test_pipeline_run_matches_one_process(
-    tmp_path: Path, reference: Run, pipeline: str, world: int, accum: int
+def test_pipeline_run_matches_one_process_and_holds_what_inspect_says(
+    tmp_path: Path, reference: Run, capsys: pytest.CaptureFixture[str], pipeline: str, world: int, accum: int
 ) -> None:
+    predicted = inspect_train(pipeline, capsys)["stages"]
     cfg = tiny_config(tmp_path, STDLIB_JSON, steps=STEPS, pipeline=pipeline, grad_accum=accum)
-    results = join_pipelines(spawn(pp_worker, world, cfg), world, pp=2)
+    raw = spawn(pp_worker, world, cfg)
+    results = join_pipelines(raw, world, pp=2)
     worst = assert_same_run(results, reference, world // 2, Tolerances())
     print(f"{pipeline} on {world} ranks: largest relative differences {worst}")
+    # Each rank holds its stage's figures (the last stage's include the embedding copy).
+    for rank, (_, held, _) in raw.items():
+        row = predicted[rank // (world // 2)]
+        want = {k: row[k] for k in ("param_bytes", "optimizer_bytes")}
+        assert held == want, (
+            f"rank {rank} (stage {row['stage']}) holds {held}, glmc inspect --train says {want}"
+        )
+        print(f"rank {rank}: holds {held} as glmc inspect --train says")
 
 
 # --- checkpoints, resume and the Hugging Face export under PP ------------------------------------
