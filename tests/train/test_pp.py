@@ -206,3 +206,41 @@ def test_pipeline_checkpoints_resume_bit_for_bit_and_export_every_stage(
     # shapes round differently, so close rather than equal).
     alone = train(tiny_config(tmp_path / "alone", STDLIB_JSON, resume=str(middle), steps=6))
     assert [r["loss"] for r in alone.records] == pytest.approx(losses[3:], rel=1e-5)
+
+
+# --- stages from the passed graph (no processes) ---------------------------------------------------
+
+
+def test_stages_are_the_pass_s_and_keep_one_process_names() -> None:
+    from glmc.api import build_torch, compile_graph, resolve_spec
+    from glmc.train.pipeline_parallel import split_stages, stage_plan
+
+    spec = resolve_spec("glm-tiny")  # 3 trunk layers, one MTP layer
+    graph = compile_graph(spec, "shard{pp=3}")
+    whole = {n for n, _ in build_torch(spec, dtype=torch.float32, seed=0).named_parameters()}
+    held: list[set[str]] = []
+    for index, (first, last) in enumerate(graph.attr("pp_stages")):
+        stage = stage_plan(graph, index)
+        assert (stage.first_layer, stage.last_layer) == (first, last)
+        # Only the last stage keeps a copy: the MTP layer's embedding.
+        assert stage.copies == ({"model.embed_tokens.weight"} if index == 2 else set())
+        lm = split_stages(build_torch(spec, dtype=torch.float32, seed=0), stage)
+        names = {n for n, _ in lm.named_parameters()}
+        layers = {int(n.split(".")[2]) for n in names if n.startswith("model.layers.")}
+        assert layers == set(range(first, last + 1))
+        assert ("model.embed_tokens.weight" in names) == (index in (0, 2))
+        assert ("lm_head.weight" in names) == any(n.startswith("model.mtp.") for n in names) == (index == 2)
+        held.append(names)
+    # Together the stages hold the whole model under its one-process names, the copy twice.
+    assert set().union(*held) == whole
+    assert sum(map(len, held)) == len(whole) + 1
+
+
+def test_fewer_micro_batches_than_stages_is_refused_naming_grad_accum() -> None:
+    from glmc.errors import GlmcError
+    from glmc.train.pipeline_parallel import check_microbatches
+
+    check_microbatches(2, 2)
+    check_microbatches(1, 1)
+    with pytest.raises(GlmcError, match=r"--grad-accum 1 is the number of pipeline micro-batches.*pp=2"):
+        check_microbatches(1, 2)
