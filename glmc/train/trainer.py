@@ -270,9 +270,9 @@ def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
             vals = sums / accum
             if d.world > 1:
                 dist.all_reduce(vals)
-                vals /= (
-                    d.world // d.plan.pp
-                )  # only the last stage holds losses; each data rank's losses appear on its tp ranks (world = dp·ep·tp)
+                # Only the last pipeline stage holds losses (every rank when pp = 1), and a data
+                # rank's losses appear on each of its tp ranks: the mean over one stage's ranks.
+                vals /= d.world // d.plan.pp
             total, lm_loss, mtp_loss, bal_loss = vals.tolist()
             dt = time.perf_counter() - t0
             tok_s = cfg.batch_size * cfg.seq_len / dt  # the global batch: every micro-batch of every rank
