@@ -1,12 +1,24 @@
-"""Decode speed with MTP speculation against plain decoding, on CPU, on a model that has learned.
+"""Decode speed of glmc's runtime against transformers, and MTP speculation against plain
+decoding, on CPU (or CUDA with --device cuda), all in one run.
 
-Trains a small byte-level GLM (MTP layer included, loss CE + 0.3 * MTP CE) for a few minutes on
-synthetic templated English, then decodes greedily from held-out prompts with `glmc generate`'s
-loop: plain KV-cache decoding (the peer) and MTP speculation with K drafts, same weights, same
-backend, same run. Prints decode tokens/s, the speedup and the mean acceptance length (tokens
-committed per trunk forward), and checks that speculative output equals plain output.
+Part 1, same checkpoint (preset glm-small, seeded weights; glmc writes it, transformers loads
+it), greedy, batch 1 and batch 8 (equal-length prompts), plain decoding:
+- transformers `generate()` with its default (dynamic) cache, eager (the peer);
+- transformers `generate(cache_implementation="static")` with its forward compiled
+  (`compile_config`, transformers' documented fastest path);
+- glmc torch backend eager and compiled (static cache; fixed-shape steps under torch.compile,
+  CUDA graphs on CUDA), glmc aoti, glmc onnx (CPU only).
+Part 2, a model that has learned (a small byte-level GLM with an MTP layer, trained here for a
+few minutes on templated English): every glmc backend, plain and MTP K=1..3, held-out prompts.
 
-    python bench/generate.py [--steps 300] [--new-tokens 96] [--drafts 1,2,3] [--backend torch,onnx]
+Columns: decode tokens/s (tokens after each row's first, per second of decoding; transformers:
+(N-1) / (time of N new tokens - time of 1), the same quantity), the ratio to transformers'
+fastest (part 1), to plain decoding on the same backend (part 2), and to the bandwidth floor:
+the bytes one decode step must read (active weights: dense parts, the routed experts the
+batch's tokens can reach, the output head; fp32) over the memory bandwidth measured here.
+Greedy ids are checked equal across every row of a part.
+
+    python bench/generate.py [--threads 1] [--new-tokens 64] [--steps 300] [--skip aoti]
 """
 
 from __future__ import annotations
@@ -18,14 +30,16 @@ import random
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 import glmc
 from glmc.api import build_torch
-from glmc.runtime import generate
+from glmc.runtime import generate_batch
 from glmc.runtime.backend import Backend, TorchBackend
 
 SPEC = {
@@ -84,87 +98,229 @@ def train(steps: int, batch: int, seq: int, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def open_backend(model: torch.nn.Module, backend: str, tmp: Path) -> Backend:
-    if backend == "torch":
-        return TorchBackend(model, model.spec)  # type: ignore[arg-type]
+def open_backend(model: torch.nn.Module, name: str, tmp: Path) -> Backend:
+    """name: torch, torch-compiled, aoti or onnx (the last two built from a checkpoint of `model`)."""
+    if name.startswith("torch"):
+        return TorchBackend(model, model.spec, compiled=name == "torch-compiled")  # type: ignore[arg-type]
     from glmc.runtime import open_artifact
 
-    glmc.save_pretrained(model, tmp / "ckpt")
-    glmc.build(tmp / "ckpt", tmp / "out", weights=tmp / "ckpt", emit=[backend], dtype="f32")
-    return open_artifact(tmp / "out" / backend).backend
+    if not (tmp / "ckpt").is_dir():
+        glmc.save_pretrained(model, tmp / "ckpt")
+    glmc.build(tmp / "ckpt", tmp / name, weights=tmp / "ckpt", emit=[name], dtype="f32")
+    return open_artifact(tmp / name / name).backend
 
 
-def measure(
-    backend: Backend, prompts: list[list[int]], new: int, drafts: list[int], repeats: int
-) -> dict[int, tuple[float, float, list[list[int]]]]:
-    """Per K (0 = plain): median decode tokens/s over `repeats` passes, mean acceptance length,
-    outputs. The configurations take turns within each pass, so load drift on a shared machine
-    hits them alike."""
-    rates: dict[int, list[float]] = {k: [] for k in drafts}
-    accepted: dict[int, list[int]] = {k: [] for k in drafts}
-    outs: dict[int, list[list[int]]] = {k: [] for k in drafts}
-    for r in range(repeats + 1):  # pass 0 warms up (and records outputs and acceptance)
-        for k in drafts:
-            tokens, secs = 0, 0.0
-            for p in prompts:
-                out, st = generate(backend, p, new, draft_tokens=k)
-                tokens += st.new_tokens - 1
-                secs += st.decode_s
-                if r == 0:
-                    outs[k].append(out)
-                    accepted[k] += st.accepted_per_round
-            if r:
-                rates[k].append(tokens / secs)
-    return {k: (statistics.median(rates[k]), sum(accepted[k]) / len(accepted[k]), outs[k]) for k in drafts}
+def glmc_rate(
+    backend: Backend, prompts: list[list[int]], new: int, k: int, repeats: int
+) -> tuple[float, float, float, list[list[int]]]:
+    """(median decode tokens/s, mean acceptance length, compile s, outputs); the first call
+    compiles and warms up (compiled torch backend) and is not timed."""
+    outs, st = generate_batch(backend, prompts, new, draft_tokens=k)
+    rates = [
+        generate_batch(backend, prompts, new, draft_tokens=k)[1].decode_tokens_per_s for _ in range(repeats)
+    ]
+    return statistics.median(rates), st.mean_acceptance_length, st.compile_s, outs
+
+
+def hf_rate(
+    hf: Any, prompts: list[list[int]], new: int, repeats: int, static: bool
+) -> tuple[float, float, list[list[int]]]:
+    """transformers generate(): (median decode tokens/s, first-call seconds, outputs)."""
+    from transformers import CompileConfig, GenerationConfig
+
+    ids = torch.tensor(prompts, device=hf.device)
+    kw: dict[str, Any] = {}
+    if static:
+        cc = CompileConfig(fullgraph=False, mode="default" if hf.device.type == "cpu" else "reduce-overhead")
+        cc._compile_all_devices = True  # transformers compiles on CUDA only unless asked
+        kw = {"cache_implementation": "static", "compile_config": cc}
+    cfg = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    def run(n: int) -> tuple[float, torch.Tensor]:
+        t0 = time.perf_counter()
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = hf.generate(
+                ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
+                max_new_tokens=n, min_new_tokens=n, **kw,
+            )  # fmt: skip
+        if hf.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, out
+
+    t0 = time.perf_counter()
+    _, out = run(new)  # compiles (static path) and warms up
+    run(1)
+    first = time.perf_counter() - t0
+    rates = []
+    for _ in range(repeats):
+        t_n, out = run(new)
+        t_1, _ = run(1)
+        rates.append((new - 1) * len(prompts) / max(t_n - t_1, 1e-9))
+    return statistics.median(rates), first, out[:, ids.shape[1] :].tolist()
+
+
+def bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large copy (read + write), the memory floor's denominator."""
+    n = 64 * 2**20  # 256 MB fp32 each way: far past any cache
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n * 4 / best
+
+
+def step_bytes(model: torch.nn.Module, batch: int) -> float:
+    """fp32 bytes one decode step reads: every trunk weight but the embedding table (one row
+    per token), routed experts scaled by the expected share of experts the batch's tokens hit
+    (1 - (1 - k/E)^B), the output head; the MTP layer is not read in plain decoding."""
+    spec: Any = model.spec  # type: ignore[union-attr]
+    e, k = spec.moe.num_experts, spec.moe.top_k
+    hit = 1 - (1 - k / e) ** batch
+    total = 0.0
+    for name, p in model.named_parameters():
+        if ".mtp." in name:
+            continue
+        if name == "model.embed_tokens.weight":
+            total += batch * p.shape[1] * p.element_size()
+        elif ".experts." in name:
+            total += hit * p.numel() * p.element_size()
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def prompts_for(vocab: int, batch: int, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (batch, length), generator=g).tolist()
+
+
+def table_header(peer: str) -> None:
+    print(
+        f"| side | batch | decoding | decode tokens/s | vs {peer} | vs bandwidth floor | compile s | same ids |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|---|")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=300, help="training steps of the MTP demo model")
+    ap.add_argument("--batch", type=int, default=8, help="training batch of the MTP demo model")
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=96)
-    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=16, help="part 1 prompt length")
+    ap.add_argument("--batches", default="1,8")
     ap.add_argument("--drafts", default="1,2,3")
+    ap.add_argument("--mtp-batches", default="1", help="batch sizes of part 2 (each compiles its own steps)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--backend", default="torch,onnx", help="comma-separated: torch, onnx, aoti")
+    ap.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated sides to leave out: hf-static, torch-compiled, aoti, onnx, part2",
+    )
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
-    # One thread: batch-1 decode gains nothing from a second one, and on a shared 2-core VM the
-    # OpenMP barrier of two threads is what other jobs disturb most.
+    # One thread for both sides: batch-1 decode gains little from a second one, and on a shared
+    # 2-core VM the OpenMP barrier of two threads is what other jobs disturb most.
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    skip = set(filter(None, args.skip.split(",")))
+    if device.type != "cpu":
+        skip |= {"aoti", "onnx"}  # CPU artifacts
+    bw = bandwidth(device)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"device {device}, copy bandwidth {bw / 1e9:.1f} GB/s, load average {load:.1f} at start"
     )
-    print(f"training {SPEC['name']} for {args.steps} steps (batch {args.batch} x {args.seq} bytes)")
+    batches = [int(x) for x in args.batches.split(",")]
+    part1(args, device, skip, bw, batches)
+    if "part2" not in skip:
+        part2(args, device, skip, bw)
+    if hasattr(os, "getloadavg"):
+        print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
+
+
+def part1(
+    args: argparse.Namespace, device: torch.device, skip: set[str], bw: float, batches: list[int]
+) -> None:
+    from _peer import glmc_and_transformers
+
+    spec = glmc.presets.get("glm-small")
+    spec = glmc.ModelSpec.from_dict({**spec.model_dump(mode="json"), "num_mtp_layers": 0})
+    ours, hf = glmc_and_transformers(spec, seed=args.seed)
+    ours, hf = ours.to(device).eval(), hf.to(device).eval()
+    print(f"\npart 1: {spec.name} without MTP, same weights; {args.prompt_len}-token prompts, "
+          f"{args.new_tokens} new tokens, greedy")  # fmt: skip
+    sides = ["hf-default", "hf-static", "torch", "torch-compiled", "aoti", "onnx"]
+    sides = [s for s in sides if s not in skip]
+    rows: dict[tuple[str, int], tuple[float, float, list[list[int]]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        backends = {s: open_backend(ours, s, Path(tmp)) for s in sides if not s.startswith("hf")}
+        for b in batches:
+            prompts = prompts_for(spec.vocab_size, b, args.prompt_len, args.seed + b)
+            for side in sides:
+                t0 = time.perf_counter()
+                if side.startswith("hf"):
+                    rate, first, outs = hf_rate(
+                        hf, prompts, args.new_tokens, args.repeats, side == "hf-static"
+                    )
+                    compile_s = first if side == "hf-static" else 0.0
+                else:
+                    rate, _, compile_s, outs = glmc_rate(
+                        backends[side], prompts, args.new_tokens, 0, args.repeats
+                    )
+                rows[(side, b)] = (rate, compile_s, outs)
+                print(
+                    f"  {side} batch {b}: {rate:.1f} tokens/s ({time.perf_counter() - t0:.0f} s)", flush=True
+                )
+    for b in batches:
+        fastest = max(rows[(s, b)][0] for s in sides if s.startswith("hf"))
+        floor = b * bw / step_bytes(ours, b)
+        want = rows[(sides[0], b)][2]
+        print(
+            f"\nbatch {b}: bandwidth floor {floor:.0f} tokens/s ({step_bytes(ours, b) / 1e6:.1f} MB a step)"
+        )
+        table_header("transformers' fastest")
+        for side in sides:
+            rate, compile_s, outs = rows[(side, b)]
+            print(f"| {side} | {b} | plain | {rate:.1f} | {rate / fastest:.2f}x | {rate / floor:.2f} | "
+                  f"{compile_s:.0f} | {'yes' if outs == want else 'NO'} |")  # fmt: skip
+
+
+def part2(args: argparse.Namespace, device: torch.device, skip: set[str], bw: float) -> None:
+    print(f"\npart 2: training {SPEC['name']} for {args.steps} steps (batch {args.batch} x {args.seq} bytes)")
     t0 = time.perf_counter()
-    model = train(args.steps, args.batch, args.seq, args.seed)
-    train_s = time.perf_counter() - t0
+    model = train(args.steps, args.batch, args.seq, args.seed).to(device)
+    print(f"trained in {time.perf_counter() - t0:.0f} s")
     rng = random.Random(args.seed + 1)  # held-out sentences: a different stream than training
-    prompts = [list(sentence(rng).encode()) + list(b"the ") for _ in range(args.prompts)]
     drafts = [0, *(int(x) for x in args.drafts.split(","))]
-    print(f"\ntrained in {train_s:.0f} s; {args.prompts} prompts x {args.new_tokens} new tokens, greedy")
-    for name in args.backend.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            res = measure(
-                open_backend(model, name, Path(tmp)), prompts, args.new_tokens, drafts, args.repeats
-            )
-        base, _, want = res[0]
-        print(
-            f"\nbackend {name}: "
-            + bytes(t for t in want[0] if t < 256).decode(errors="replace").split("\n")[0][:80]
-        )
-        print(
-            "| backend | decoding | decode tokens/s | speedup | mean acceptance length | same tokens as plain |"
-        )
-        print("|---|---|---:|---:|---:|---|")
-        for k in drafts:
-            rate, acc, outs = res[k]
-            label = "plain (peer)" if k == 0 else f"MTP K={k}"
-            same = "yes" if outs == want else "NO"
-            print(f"| {name} | {label} | {rate:.1f} | {rate / base:.2f}x | {acc:.2f} | {same} |")
+    sides = [s for s in ("torch", "torch-compiled", "aoti", "onnx") if s not in skip]
+    with tempfile.TemporaryDirectory() as tmp:
+        for b in [int(x) for x in args.mtp_batches.split(",")]:
+            prompts = [list(sentence(rng).encode()) + list(b"the ") for _ in range(b)]
+            floor = b * bw / step_bytes(model, b)
+            print(f"\nbatch {b}: bandwidth floor {floor:.0f} tokens/s (plain decoding)")
+            table_header("plain, same backend")
+            want: list[list[int]] | None = None
+            for side in sides:
+                backend = open_backend(model, side, Path(tmp))
+                base = 0.0
+                for k in drafts:
+                    rate, acc, compile_s, outs = glmc_rate(backend, prompts, args.new_tokens, k, args.repeats)
+                    want = outs if want is None else want
+                    base = base or rate
+                    label = "plain" if k == 0 else f"MTP K={k} (acc. {acc:.2f})"
+                    print(f"| glmc {side} | {b} | {label} | {rate:.1f} | {rate / base:.2f}x | {rate / floor:.2f} | "
+                          f"{compile_s:.0f} | {'yes' if outs == want else 'NO'} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

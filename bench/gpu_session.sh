@@ -11,7 +11,11 @@
 #      the caching allocator is off so every tensor is its own allocation);
 #   3. bench/kernels.py at GLM-4.5 shapes (issue 4's table: fused MoE vs _grouped_mm + permutes,
 #      FP8 block GEMM vs bf16 mm);
-#   4. bench/train.py --device cuda (glmc's compiled step vs transformers eager, bf16 autocast).
+#   4. bench/train.py --device cuda (glmc's compiled step vs transformers eager, bf16 autocast);
+#   5. bench/generate.py --device cuda: decode tokens/s of transformers generate() (default
+#      cache; static cache + compiled forward with CUDA graphs) against glmc's static-cache
+#      runtime (eager; compiled with mode="reduce-overhead", i.e. CUDA graphs), batch 1 and 8,
+#      and MTP K=1..3 on the demo model it trains (fewer steps than on CPU: the limit is tight).
 # Logs go to $OUT (the device tool brings them back), else to ./gpu-out. Copy the tables into
 # bench/RESULTS.md with the date and the device line.
 set -uo pipefail
@@ -38,7 +42,8 @@ step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.txt, ne
 
 step env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv;
     python3 -c "import torch, triton, transformers, pydantic, glmc; print(torch.__version__, triton.__version__, transformers.__version__, pydantic.__version__, torch.cuda.get_device_name())"'
-step sanitizer 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
+step sanitizer 130 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 -m pytest -q -x -p no:cacheprovider tests/kernels -k "not cutlass and not triton_aot"
-step kernels 200 python3 bench/kernels.py --no-cutlass
-step train 150 python3 bench/train.py --device cuda --batch 8 --seq 1024 --steps 10
+step kernels 160 python3 bench/kernels.py --no-cutlass
+step train 110 python3 bench/train.py --device cuda --batch 8 --seq 1024 --steps 10
+step generate 130 python3 bench/generate.py --device cuda --threads 8 --steps 150 --repeats 2 --new-tokens 64
