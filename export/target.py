@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from glmc.ir import GlmcError, Graph, Op
+from glmc.ir import GlmcError, Graph, Op, ParamAttrs
 
 from .sidecar import Sidecar
 
@@ -106,7 +106,7 @@ class BaseTarget:
 
 def pass_names(graph: Graph) -> list[tuple[str, str]]:
     """(name, spelling) of each pass that ran, e.g. ('shard', 'shard{ep=8}')."""
-    return [(str(s).partition("{")[0], str(s)) for s in graph.attr("passes", ())]
+    return [(str(s).partition("{")[0], str(s)) for s in graph.attrs.passes]
 
 
 def refuse_unhonoured(target: str, honours: frozenset[str], graph: Graph) -> None:
@@ -120,20 +120,24 @@ def refuse_unhonoured(target: str, honours: frozenset[str], graph: Graph) -> Non
             )
 
 
-# A parameter attribute each pass sets, to name the first node a refused pass changed.
-_MARKS = {"fuse-moe": ("fused",), "quantize-fp8": ("quant", "fp8_kept"), "shard": ("shard",)}
+# The parameter attributes each pass sets, to name the first node a refused pass changed.
+_MARKS: dict[str, tuple[Callable[[ParamAttrs], bool], ...]] = {
+    "fuse-moe": (lambda a: bool(a.fused),),
+    "quantize-fp8": (lambda a: a.quant is not None, lambda a: a.fp8_kept is not None),
+    "shard": (lambda a: bool(a.shard),),
+}
 _COLLECTIVES = (Op.ALL_REDUCE, Op.ALL_GATHER, Op.ALL_TO_ALL, Op.SEND_RECV)
 
 
 def changed_node(graph: Graph, pass_name: str) -> str:
     """'node NAME' of the first node `pass_name` changed, in words ('the graph' when none shows)."""
-    for key in _MARKS.get(pass_name, ()):
+    for marked in _MARKS.get(pass_name, ()):
         for _full, node, p in graph.params():
-            if p.attr(key, None) is not None:
+            if marked(p.attrs):
                 return f"node {node.name}, parameter {p.name}"
     if pass_name == "shard":
         for n in graph.nodes:
-            if n.op in _COLLECTIVES or n.attr("stage", None) is not None:
+            if n.op in _COLLECTIVES or n.attrs.stage is not None:
                 return f"node {n.name}"
     return "the graph"
 

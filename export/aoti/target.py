@@ -25,7 +25,7 @@ class AotiTarget(BaseTarget):
         files = export_aoti(
             model,  # type: ignore[arg-type]
             out,
-            int(graph.attr("max_position_embeddings")),
-            mtp=bool(graph.attr("num_mtp_layers", 0)),
+            graph.attrs.max_position_embeddings,
+            mtp=graph.attrs.num_mtp_layers > 0,
         )
         write_runtime_manifest(out, self.name, meta, files, dtype="float32", device="cpu")

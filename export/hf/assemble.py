@@ -47,7 +47,7 @@ class _Whole:
 def assemble(graph: Graph, readers: dict[str, Reader]) -> dict[str, torch.Tensor]:
     """Logical tensors from the ranks of a sharded `graph`; `readers` maps each rank's folder
     name (`rank_dir`) to a function reading one tensor of that rank."""
-    recipe = graph.attr("quantization", None)
+    recipe = graph.attrs.quantization
     wholes: dict[str, _Whole] = {}
     for coords in ranks(graph):
         read = readers[rank_dir(coords) if coords is not None else ""]

@@ -30,10 +30,10 @@ class OnnxTarget(BaseTarget):
         model = build_model(graph, dtype=torch.float32)  # FP8 weights and their scales stay as they are
         model.load_state_dict(passed_state(graph, weights.state), strict=True)
         model.eval()
-        context = int(graph.attr("max_position_embeddings"))
+        context = graph.attrs.max_position_embeddings
         files = {"decoder": "model.onnx"}
         export_decoder(model, out / files["decoder"], context)
-        if graph.attr("num_mtp_layers", 0):
+        if graph.attrs.num_mtp_layers:
             files["mtp"] = "mtp.onnx"
             export_mtp(model, out / files["mtp"], context)
         cfg = genai_config(

@@ -52,13 +52,15 @@ class FP8Linear(KeepDtypes):
 
     def __init__(self, p: Param, bias: bool) -> None:
         super().__init__()
-        self.recipe: str = p.attr("quant")
+        if p.attrs.quant is None:
+            raise GlmcError(f"{p.name}: an FP8 linear needs a weight quantize-fp8 marked (quant=<recipe>)")
+        self.recipe: str = p.attrs.quant
         self.segments = row_segments(p)
         self.scale_name = scale_param_name("weight", self.recipe)
         self.weight: Tensor
         out_features, in_features = p.shape
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=FP8))
-        self.register_buffer(self.scale_name, torch.empty(_scale_shape(p), dtype=torch.float32))
+        self.register_buffer(self.scale_name, torch.empty(scale_shape(p, self.recipe), dtype=torch.float32))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     @property
@@ -77,14 +79,10 @@ class FP8Linear(KeepDtypes):
 
 def linear(p: Param, bias: bool) -> nn.Module:
     """The module for GEMM weight `p` [out, in]: FP8 if the graph quantised it."""
-    if p.attr("quant", None) is not None:
+    if p.attrs.quant is not None:
         return FP8Linear(p, bias)
     out_features, in_features = p.shape
     return nn.Linear(in_features, out_features, bias=bias)
-
-
-def _scale_shape(p: Param) -> tuple[int, ...]:
-    return scale_shape(p, p.attr("quant"))
 
 
 def quantize_param(w: Tensor, recipe: str, segments: tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -117,9 +115,8 @@ def passed_state(graph: Graph, state: Mapping[str, Tensor]) -> dict[str, Tensor]
     for fqn, node, p in graph.params():
         if p.role is ParamRole.SCALE:
             continue  # produced with its weight
-        fused = p.attr("fused", None)
-        if fused is not None:
-            parts = [f"{node.name}.{c}" for c in fused]
+        if p.attrs.fused:
+            parts = [f"{node.name}.{c}" for c in p.attrs.fused]
             missing = [k for k in parts if k not in state]
             if missing:
                 raise GlmcError(f"{missing[0]}: not in the weights (needed for {fqn})")
@@ -127,10 +124,10 @@ def passed_state(graph: Graph, state: Mapping[str, Tensor]) -> dict[str, Tensor]
         elif fqn in state:
             w = state[fqn]
         else:
-            if not p.attr("checkpoint", True) or p.tied_to is not None:
+            if not p.attrs.checkpoint or p.tied_to is not None:
                 continue
             raise GlmcError(f"{fqn}: not in the weights")
-        recipe = p.attr("quant", None)
+        recipe = p.attrs.quant
         if recipe is None:
             out[fqn] = w
             continue
@@ -144,7 +141,7 @@ def passed_state(graph: Graph, state: Mapping[str, Tensor]) -> dict[str, Tensor]
     known = set(out)
     for fqn, node, p in graph.params():
         known.add(fqn)
-        known.update(f"{node.name}.{c}" for c in p.attr("fused", None) or ())
+        known.update(f"{node.name}.{c}" for c in p.attrs.fused)
     out.update({k: v for k, v in state.items() if k not in known})
     return out
 
@@ -167,20 +164,20 @@ def checkpoint_state(graph: Graph, read: Callable[[str], Tensor]) -> dict[str, T
             raise GlmcError(f"{name}: not in the checkpoint") from None
 
     for fqn, node, p in graph.params():
-        if p.role is ParamRole.SCALE or not p.attr("checkpoint", True):
+        if p.role is ParamRole.SCALE or not p.attrs.checkpoint:
             continue
         # plan_checkpoint lists, in graph order, one stored tensor per parameter (fused layout)
         # or one per Hugging Face tensor: per expert and gate/up half, per q/k/v component.
-        if graph.attr("weight_layout", None) == "fused":
+        if graph.attrs.weight_layout == "fused":
             count = 1
         elif p.role is ParamRole.EXPERT:
             count = p.shape[0] * len(row_segments(p))
         else:
-            count = len(p.attr("fused", None) or (None,))
+            count = len(p.attrs.fused or (None,))
         stored = [next(layout) for _ in range(count)]
         if p.tied_to is not None:
             continue  # a checkpoint-only copy: the model reads its owner
-        recipe = p.attr("quant", None)
+        recipe = p.attrs.quant
         names = [t.name for t in stored]
         parts = [get(n) for n in names]
         scales = [get(t.scale_name) for t in stored if t.scale_name is not None]
@@ -191,11 +188,11 @@ def checkpoint_state(graph: Graph, read: Callable[[str], Tensor]) -> dict[str, T
                 return torch.stack([torch.cat(ts[i : i + per]) for i in range(0, len(ts), per)])
 
             out[fqn] = stack(parts)
-            if scales:
+            if scales and recipe is not None:
                 out[f"{node.name}.{scale_param_name(p.name, recipe)}"] = stack(scales)
             continue
         out[fqn] = parts[0] if count == 1 else torch.cat(parts)
-        if scales:
+        if scales and recipe is not None:  # the layout names scales for FP8 weights only
             out[f"{node.name}.{scale_param_name(p.name, recipe)}"] = (
                 scales[0] if count == 1 else torch.cat(scales)
             )

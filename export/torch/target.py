@@ -37,7 +37,7 @@ class TorchTarget(BaseTarget):
 
         state = passed_state(graph, weights.state)
         out.mkdir(parents=True)
-        pipeline = ",".join(str(x) for x in graph.attr("passes", ()))
+        pipeline = ",".join(str(x) for x in graph.attrs.passes)
         write_safetensors(out / "model.safetensors", state, metadata={"format": "pt", PIPELINE_KEY: pipeline})
         (out / GLMC_SPEC_FILE).write_text(json.dumps(dict(meta.spec), indent=2) + "\n")
         (out / "graph.txt").write_text(format_graph(graph))

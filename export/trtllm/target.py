@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from glmc.ir import GlmcError, Graph, Op, mesh_of, summary
+from glmc.ir import AttentionAttrs, ExpertsAttrs, GlmcError, Graph, Op, mesh_of, summary
 
 from ..target import BaseTarget, Meta, Weights, changed_node
 from .launch import write_serving_files
@@ -27,14 +27,14 @@ class TrtllmTarget(BaseTarget):
     release: str = LATEST  # the TensorRT-LLM release whose llm_args fields the options use
 
     def check(self, graph: Graph) -> None:
-        if graph.attr("weight_layout", None) == "fused":
+        if graph.attrs.weight_layout == "fused":
             raise GlmcError(
                 f"trtllm: fuse-moe ({changed_node(graph, 'fuse-moe')}) is not supported: the trtllm target "
                 "writes Hugging Face tensor names, which TensorRT-LLM's Glm4MoeForCausalLM loader maps "
                 "itself; drop fuse-moe from the pipeline for --emit trtllm"
             )
         super().check(graph)
-        recipe = graph.attr("quantization", None)
+        recipe = graph.attrs.quantization
         if recipe not in (None, "block128"):
             raise GlmcError(
                 f"trtllm: quantize-fp8{{recipe={recipe}}} is not supported: the trtllm target writes FP8 as "
@@ -52,7 +52,7 @@ class TrtllmTarget(BaseTarget):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # `check` already warned about the mapping
             m, opts = self._options(graph, meta.think_ids)
-        HfTarget().emit(graph.with_attrs(mesh=None, pp_stages=None), weights, out, meta)
+        HfTarget().emit(graph.with_attrs(mesh=(), pp_stages=()), weights, out, meta)
         write_serving_files(out, opts, attention=m.attention)
 
     def _options(self, graph: Graph, think_ids: tuple[int, int] | None) -> tuple[Mapping, dict[str, Any]]:
@@ -60,17 +60,18 @@ class TrtllmTarget(BaseTarget):
         # TensorRT-LLM: tensor_parallel_size GPUs per pipeline stage, experts moe_ep x moe_tp,
         # attention either TP over all of them or pure DP (attention-DP).
         mesh = mesh_of(graph)
-        attn = graph.find(Op.ATTENTION)[0]
-        experts = next((n for n in graph.nodes if n.op in (Op.EXPERTS, Op.MOE)), None)
-        num_experts = int(experts.attr("num_experts")) if experts else 0
+        attn = AttentionAttrs.of(graph.find(Op.ATTENTION)[0])
+        node = next((n for n in graph.nodes if n.op in (Op.EXPERTS, Op.MOE)), None)
+        experts = ExpertsAttrs.of(node) if node else None  # moe nodes have the experts' fields
+        num_experts = experts.num_experts if experts else 0
         m = plan_mapping(
             ep=mesh["ep"],
             tp=mesh["tp"],
             pp=mesh["pp"],
-            num_heads=int(attn.attr("num_heads")),
-            num_kv_heads=int(attn.attr("num_kv_heads")),
+            num_heads=attn.num_heads,
+            num_kv_heads=attn.num_kv_heads,
             num_experts=num_experts,
-            moe_intermediate_size=int(experts.attr("intermediate_size")) if experts else 0,
+            moe_intermediate_size=experts.intermediate_size if experts else 0,
         )
         opts = ServeOptions(
             tp=m.tensor_parallel_size,
@@ -79,8 +80,8 @@ class TrtllmTarget(BaseTarget):
             attention_dp=m.enable_attention_dp,
             kv_cache_dtype="auto",
             think_ids=think_ids,
-            max_seq_len=int(graph.attr("max_position_embeddings")),
+            max_seq_len=graph.attrs.max_position_embeddings,
             trtllm_version=self.release,
         )
-        has_mtp = bool(graph.attr("num_mtp_layers", 0))
+        has_mtp = graph.attrs.num_mtp_layers > 0
         return m, llm_api_options(opts, num_experts, has_mtp=has_mtp)
