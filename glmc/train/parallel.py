@@ -153,7 +153,8 @@ def tensor_parallel(
 
     tp = tp_mesh.size()
     nodes = {n.name: n for n in graph.nodes}
-    if lm.lm_head is None and any(sp.axis == "tp" for sp in specs.get("model.embed_tokens.weight", ())):
+    # The model's flag, not `lm_head is None`: a pipeline stage without the head has none either.
+    if lm.tie_word_embeddings and any(sp.axis == "tp" for sp in specs.get("model.embed_tokens.weight", ())):
         raise GlmcError("train: a tied LM head (tie_word_embeddings) cannot be split over tp yet; use tp=1")
     for path, m in list(lm.named_modules()):
         w = getattr(m, "weight", None)

@@ -132,34 +132,53 @@ def join_pipelines(
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    run = probed_train(tiny_config(tmp_path_factory.mktemp("single"), STDLIB_JSON, steps=STEPS))
-    assert run.losses[-1] < run.losses[0] - 1.0  # it learns: the runs compared are not constants
-    return run
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Run]:
+    """One process with the whole batch, per batch size, computed on first use."""
+
+    class Refs(dict[int, Run]):
+        def __missing__(self, batch: int) -> Run:
+            out = tmp_path_factory.mktemp(f"single-{batch}")
+            run = probed_train(tiny_config(out, STDLIB_JSON, steps=STEPS, batch_size=batch))
+            assert run.losses[-1] < run.losses[0] - 1.0  # it learns: the runs compared are not constants
+            self[batch] = run
+            return run
+
+    return Refs()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("pipeline", "world", "accum"),
+    ("pipeline", "world", "accum", "batch"),
     [
-        ("shard{pp=2}", 2, 2),  # two stages, two micro-batches of 2 sequences
-        ("shard{pp=2,dp=2}", 4, 2),  # FSDP2 over each stage's 2 data ranks, micro-batches of 1
-        ("shard{pp=2,ep=2}", 4, 2),  # 4 experts per ep rank in each stage, FSDP2 for the rest
+        ("shard{pp=2}", 2, 2, 4),  # two stages, two micro-batches of 2 sequences
+        ("shard{pp=2,dp=2}", 4, 2, 4),  # FSDP2 over each stage's 2 data ranks, micro-batches of 1
+        ("shard{pp=2,ep=2}", 4, 2, 4),  # 4 experts per ep rank in each stage, FSDP2 for the rest
+        ("shard{pp=3}", 3, 3, 6),  # a middle stage (neither embedding nor head), 3 micro-batches
+        ("shard{pp=2,tp=2}", 4, 2, 4),  # tensor parallel inside each stage
     ],
-    ids=["pp2", "pp2xdp2", "pp2xep2"],
+    ids=["pp2", "pp2xdp2", "pp2xep2", "pp3", "pp2xtp2"],
 )
 def test_pipeline_run_matches_one_process_and_holds_what_inspect_says(
-    tmp_path: Path, reference: Run, capsys: pytest.CaptureFixture[str], pipeline: str, world: int, accum: int
+    tmp_path: Path,
+    reference: dict[int, Run],
+    capsys: pytest.CaptureFixture[str],
+    pipeline: str,
+    world: int,
+    accum: int,
+    batch: int,
 ) -> None:
     predicted = inspect_train(pipeline, capsys)["stages"]
-    cfg = tiny_config(tmp_path, STDLIB_JSON, steps=STEPS, pipeline=pipeline, grad_accum=accum)
+    pp = len(predicted)
+    cfg = tiny_config(
+        tmp_path, STDLIB_JSON, steps=STEPS, pipeline=pipeline, grad_accum=accum, batch_size=batch
+    )
     raw = spawn(pp_worker, world, cfg)
-    results = join_pipelines(raw, world, pp=2)
-    worst = assert_same_run(results, reference, world // 2, Tolerances())
+    results = join_pipelines(raw, world, pp)
+    worst = assert_same_run(results, reference[batch], world // pp, Tolerances())
     print(f"{pipeline} on {world} ranks: largest relative differences {worst}")
     # Each rank holds its stage's figures (the last stage's include the embedding copy).
     for rank, (_, held, _) in raw.items():
-        row = predicted[rank // (world // 2)]
+        row = predicted[rank // (world // pp)]
         want = {k: row[k] for k in ("param_bytes", "optimizer_bytes")}
         assert held == want, (
             f"rank {rank} (stage {row['stage']}) holds {held}, glmc inspect --train says {want}"
