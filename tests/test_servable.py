@@ -96,6 +96,7 @@ def test_convert_carries_the_sidecar_files(
     _tokenizer_matches(ckpt, out)
 
 
+@pytest.mark.slow  # the onnx export: about two minutes on a 2-core CPU
 def test_build_carries_them_into_hf_trtllm_and_onnx(
     ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -145,18 +146,18 @@ def _hostile(kind: str, path: Path) -> None:
         os.mkfifo(path)
 
 
-@pytest.mark.parametrize("kind", ["link", "sparse", "fifo"])
 def test_hostile_extra_files_are_never_opened(
-    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+    ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A file under a name glmc does not carry is not even opened: a link to /etc/passwd, a
-    2 GiB sparse file or a fifo beside the weights changes nothing."""
+    """Files under names glmc does not carry are not even opened: a link to /etc/passwd, a
+    2 GiB sparse file and a fifo beside the weights change nothing."""
     src = _copy_checkpoint(ckpt, tmp_path / "src")
     (src / CHAT_TEMPLATE_DIR).mkdir()
-    (src / CHAT_TEMPLATE_DIR / "tool_use.jinja").write_bytes(
-        (ckpt / CHAT_TEMPLATE_DIR / "tool_use.jinja").read_bytes()
-    )
-    _hostile(kind, src / "extra.dat")
+    template = (ckpt / CHAT_TEMPLATE_DIR / "tool_use.jinja").read_bytes()
+    (src / CHAT_TEMPLATE_DIR / "tool_use.jinja").write_bytes(template)
+    for kind in ("link", "sparse", "fifo"):
+        _hostile(kind, src / f"extra-{kind}")
+        _hostile(kind, src / CHAT_TEMPLATE_DIR / f"{kind}.txt")  # not a .jinja: not a template
     with hang_guard(120, "a hostile extra file made glmc hang"):
         code, _, err = run(["convert", src, "-o", tmp_path / "c", "--quiet"], capsys)
         assert code == 0, err
@@ -164,7 +165,9 @@ def test_hostile_extra_files_are_never_opened(
         assert code == 0, err
     for f in (tmp_path / "c", tmp_path / "b" / "hf"):
         _same_bytes(ckpt, f)
-        assert not (f / "extra.dat").exists()
+        assert not list(f.glob("extra-*")) and sorted(p.name for p in (f / CHAT_TEMPLATE_DIR).iterdir()) == [
+            "tool_use.jinja"
+        ]
 
 
 @pytest.mark.parametrize(
@@ -240,10 +243,11 @@ def _onnx_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out[0])
 
 
+@pytest.mark.slow  # the onnx export: about two minutes on a 2-core CPU
 def test_fp32_checkpoint_stays_fp32_through_hf_and_onnx(fp32_ckpt: Path, tmp_path: Path) -> None:
     """`glmc build CKPT --weights CKPT --emit hf,onnx` of an fp32 checkpoint: the hf folder is
-    fp32 and the ONNX logits match transformers' within 1e-4 (bf16, the old default, is shown
-    beside it)."""
+    fp32 and the ONNX logits match transformers' within 1e-4 (measured 9.6e-7; with the old
+    bf16 default 8.9e-3, which this bound refuses)."""
     import transformers
 
     ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -254,21 +258,18 @@ def test_fp32_checkpoint_stays_fp32_through_hf_and_onnx(fp32_ckpt: Path, tmp_pat
             .eval()(ids)
             .logits
         )
-    errors = {}
-    for dtype in ("auto", "bf16"):
-        out = tmp_path / dtype
-        glmc.build(fp32_ckpt, out, weights=fp32_ckpt, emit=["hf", "onnx"], dtype=dtype)
-        cfg = json.loads((out / "hf" / "config.json").read_text())
-        assert cfg["torch_dtype"] == ("float32" if dtype == "auto" else "bfloat16")
-        assert json.loads((out / "build.json").read_text())["dtype"] == ("f32" if dtype == "auto" else "bf16")
-        got = _onnx_logits(out / "onnx", ids)
-        errors[dtype] = ((got - ref).abs().max() / ref.abs().max()).item()
-    assert _dtypes(tmp_path / "auto" / "hf") == {"F32"}
-    print(
-        f"\nONNX vs transformers, max |diff| / max |logit|: auto (f32) {errors['auto']:.2e}, bf16 {errors['bf16']:.2e}"
-    )
-    assert errors["auto"] < 1e-4
-    assert errors["bf16"] > 10 * errors["auto"]  # the bf16 rounding the default used to add
+    out = tmp_path / "b"
+    glmc.build(fp32_ckpt, out, weights=fp32_ckpt, emit=["hf", "onnx"])  # --dtype auto
+    assert json.loads((out / "hf" / "config.json").read_text())["torch_dtype"] == "float32"
+    assert json.loads((out / "build.json").read_text())["dtype"] == "f32"
+    assert _dtypes(out / "hf") == {"F32"}
+    err = _rel(_onnx_logits(out / "onnx", ids), ref)
+    print(f"\nONNX (--dtype auto: f32) vs transformers, max |diff| / max |logit|: {err:.2e}")
+    assert err < 1e-4
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def test_convert_and_build_follow_the_bulk_of_a_mixed_checkpoint(
