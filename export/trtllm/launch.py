@@ -21,7 +21,7 @@ _LAUNCH = """#!/usr/bin/env bash
 # Needs: NVIDIA GPU(s), tensorrt_llm >= {floor} (the oldest release with Glm4MoeForCausalLM and every
 # field the options file uses; older ones refuse unknown fields).
 # Attention: {attention}.
-set -euo pipefail
+{notes}set -euo pipefail
 HERE="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
 exec trtllm-serve "$HERE" \\
   --backend pytorch \\
@@ -57,12 +57,16 @@ for out in llm.generate([prompt], SamplingParams(max_tokens=32, temperature=0.0)
 '''
 
 
-def write_serving_files(out: Path, opts: dict[str, Any], attention: str = "as the options say") -> None:
+def write_serving_files(
+    out: Path, opts: dict[str, Any], attention: str = "as the options say", notes: tuple[str, ...] = ()
+) -> None:
+    """`notes`: where the served layout is not the shard plan's (one line each in both headers)."""
     need = floor(opts)
+    plan = "".join(f"# Plan: {n}.\n" for n in notes)
     (out / OPTIONS_FILE).write_text(
         "# TensorRT-LLM LLM API options (trtllm-serve --extra_llm_api_options, or LLM(**options)).\n"
         f"# Written by glmc; fields checked against TensorRT-LLM {need}'s llm_args.py: needs tensorrt_llm >= {need}.\n"
-        f"# Attention: {attention}.\n" + yaml.safe_dump(opts, sort_keys=False)
+        f"# Attention: {attention}.\n" + plan + yaml.safe_dump(opts, sort_keys=False)
     )
     launch = out / LAUNCH_FILE
     launch.write_text(
@@ -70,6 +74,7 @@ def write_serving_files(out: Path, opts: dict[str, Any], attention: str = "as th
             options=OPTIONS_FILE,
             floor=need,
             attention=attention,
+            notes=plan,
             tp=opts["tensor_parallel_size"],
             pp=opts["pipeline_parallel_size"],
             ep=opts["moe_expert_parallel_size"],

@@ -1,4 +1,5 @@
-"""The `trtllm-serve` / `LLM(...)` options file: parallelism from the shard plan (mapping.py),
+"""The `trtllm-serve` / `LLM(...)` options file: parallelism as mapping.py translates the shard
+plan (no rule of its own: the plan's divisibility is the pass's, TensorRT-LLM's is mapping.py's),
 KV-cache dtype, and MTP speculation (one MTP layer reused for `draft_tokens` drafts:
 TensorRT-LLM's MTP-Eagle mode), with relaxed acceptance inside GLM's `<think>` span when the ids
 are known and the target release has the fields for them (1.2; older releases hard-code
@@ -7,11 +8,12 @@ DeepSeek-R1's ids, so there the bundle keeps strict acceptance).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from glmc.ir import GlmcError
 
+from .mapping import Mapping
 from .schema import (
     GLM4_MOE_SINCE,
     KV_CACHE_CONFIG,
@@ -27,10 +29,7 @@ from .schema import (
 
 @dataclass(frozen=True)
 class ServeOptions:
-    tp: int = 1  # GPUs per pipeline stage (TensorRT-LLM's tensor_parallel_size)
-    ep: int = 1  # expert parallel size; the experts' own TP is tp // ep
-    pp: int = 1
-    attention_dp: bool = False
+    mapping: Mapping = field(default_factory=Mapping)  # TensorRT-LLM's parallel sizes (mapping.plan_mapping of the plan)
     kv_cache_dtype: str = "auto"
     draft_tokens: int = 3  # 0 disables MTP speculation
     think_ids: tuple[int, int] | None = None  # (<think>, </think>) for relaxed acceptance
@@ -41,7 +40,7 @@ class ServeOptions:
     trtllm_version: str = LATEST  # the release whose llm_args fields the options may use
 
 
-def llm_api_options(o: ServeOptions, num_experts: int, has_mtp: bool) -> dict[str, Any]:
+def llm_api_options(o: ServeOptions, has_mtp: bool) -> dict[str, Any]:
     """The options dict (YAML for `--extra_llm_api_options`, or kwargs for `LLM`)."""
     try:
         version = check_release(o.trtllm_version)
@@ -51,21 +50,17 @@ def llm_api_options(o: ServeOptions, num_experts: int, has_mtp: bool) -> dict[st
         raise GlmcError(
             f"--trtllm-version {o.trtllm_version}: TensorRT-LLM runs Glm4MoeForCausalLM from {GLM4_MOE_SINCE} on"
         )
-    if o.tp < 1 or o.ep < 1 or o.tp % o.ep:
-        raise GlmcError(f"trtllm: expert parallel size ep={o.ep} must divide tensor parallel size tp={o.tp}")
-    if num_experts and num_experts % o.ep:
-        raise GlmcError(f"trtllm: ep={o.ep} must divide the routed experts ({num_experts})")
     if o.kv_cache_dtype not in KV_CACHE_DTYPES:
         raise GlmcError(
             f"trtllm: kv cache dtype {o.kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}"
         )
+    m = o.mapping
     opts: dict[str, Any] = {
-        # TensorRT-LLM's MoE mapping: tp ranks split as moe_tp x moe_ep for the experts.
-        "tensor_parallel_size": o.tp,
-        "pipeline_parallel_size": o.pp,
-        "moe_expert_parallel_size": o.ep,
-        "moe_tensor_parallel_size": o.tp // o.ep,
-        "enable_attention_dp": o.attention_dp,
+        "tensor_parallel_size": m.tensor_parallel_size,
+        "pipeline_parallel_size": m.pipeline_parallel_size,
+        "moe_expert_parallel_size": m.moe_expert_parallel_size,
+        "moe_tensor_parallel_size": m.moe_tensor_parallel_size,
+        "enable_attention_dp": m.enable_attention_dp,
         "max_batch_size": o.max_batch_size,
         "max_num_tokens": o.max_num_tokens,
         "max_seq_len": o.max_seq_len,

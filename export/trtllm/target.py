@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from glmc.ir import AttentionAttrs, ExpertsAttrs, GlmcError, Graph, Op, mesh_of, summary
+from glmc.ir import GlmcError, Graph, summary
 
 from ..target import BaseTarget, Meta, Weights, changed_node
 from .launch import write_serving_files
@@ -53,35 +53,18 @@ class TrtllmTarget(BaseTarget):
             warnings.simplefilter("ignore")  # `check` already warned about the mapping
             m, opts = self._options(graph, meta.think_ids)
         HfTarget().emit(graph.with_attrs(mesh=(), pp_stages=()), weights, out, meta)
-        write_serving_files(out, opts, attention=m.attention)
+        write_serving_files(out, opts, attention=m.attention, notes=m.notes)
 
     def _options(self, graph: Graph, think_ids: tuple[int, int] | None) -> tuple[Mapping, dict[str, Any]]:
-        # glmc's mesh: experts split over ep (x tp), attention over tp with ep as data parallel.
-        # TensorRT-LLM: tensor_parallel_size GPUs per pipeline stage, experts moe_ep x moe_tp,
-        # attention either TP over all of them or pure DP (attention-DP).
-        mesh = mesh_of(graph)
-        attn = AttentionAttrs.of(graph.find(Op.ATTENTION)[0])
-        node = next((n for n in graph.nodes if n.op in (Op.EXPERTS, Op.MOE)), None)
-        experts = ExpertsAttrs.of(node) if node else None  # moe nodes have the experts' fields
-        num_experts = experts.num_experts if experts else 0
-        m = plan_mapping(
-            ep=mesh["ep"],
-            tp=mesh["tp"],
-            pp=mesh["pp"],
-            num_heads=attn.num_heads,
-            num_kv_heads=attn.num_kv_heads,
-            num_experts=num_experts,
-            moe_intermediate_size=experts.intermediate_size if experts else 0,
-        )
+        # The plan's mesh and ShardSpecs, translated to TensorRT-LLM's sizes (mapping.py: the
+        # plan's own rules ran in the shard pass; only TensorRT-LLM's are checked there).
+        m = plan_mapping(graph)
         opts = ServeOptions(
-            tp=m.tensor_parallel_size,
-            ep=m.moe_expert_parallel_size,
-            pp=m.pipeline_parallel_size,
-            attention_dp=m.enable_attention_dp,
+            mapping=m,
             kv_cache_dtype="auto",
             think_ids=think_ids,
             max_seq_len=graph.attrs.max_position_embeddings,
             trtllm_version=self.release,
         )
         has_mtp = graph.attrs.num_mtp_layers > 0
-        return m, llm_api_options(opts, num_experts, has_mtp=has_mtp)
+        return m, llm_api_options(opts, has_mtp=has_mtp)

@@ -17,20 +17,13 @@ import glmc
 from glmc import presets
 from glmc.cli import main
 from glmc.errors import GlmcError
-from glmc.export.trtllm import ServeOptions, floor, llm_api_options, plan_mapping, validate_options
-from glmc.ir import mesh_of
+from glmc.export.trtllm import Mapping, ServeOptions, floor, llm_api_options, plan_mapping, validate_options
 from glmc.lower import lower
 from glmc.pipeline import run_pipeline
 
 
 def _mapping_of(preset: str, pipeline: str) -> dict:
-    spec = presets.get(preset)
-    mesh = mesh_of(run_pipeline(lower(spec), pipeline))
-    assert spec.moe is not None
-    m = plan_mapping(ep=mesh["ep"], tp=mesh["tp"], pp=mesh["pp"], num_heads=spec.attention.num_heads,
-                     num_kv_heads=spec.attention.num_kv_heads, num_experts=spec.moe.num_experts,
-                     moe_intermediate_size=spec.moe.intermediate_size)  # fmt: skip
-    return vars(m)
+    return vars(plan_mapping(run_pipeline(lower(presets.get(preset)), pipeline)))
 
 
 def test_tiny_ep8_tp2_gets_attention_dp_and_says_why(tmp_path: Path) -> None:
@@ -75,21 +68,72 @@ def test_glm45_mappings() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "needle"),
+    ("pipeline", "message"),
     [
-        ({"ep": 3, "tp": 1, "num_experts": 160, "moe_intermediate_size": 1536}, "moe_expert_parallel_size=3"),
-        ({"ep": 8, "tp": 3, "num_experts": 160, "moe_intermediate_size": 1408}, "moe_tensor_parallel_size=3"),
+        # The plan's own rules: the pass's one message, before the bundle is looked at.
+        ("shard{ep=3}", "shard: ep=3 does not divide moe.num_experts=8"),
+        ("shard{ep=2,tp=3}", "shard: tp=3 does not divide attention.num_heads=4"),
+        # TensorRT-LLM's own rule: it places experts contiguously, without the plan's replicas.
+        (
+            "shard{ep=3,redundant_experts=1}",
+            "trtllm: moe_expert_parallel_size=3 (shard ep) does not divide the 8 routed experts",
+        ),
     ],
 )
-def test_expert_mappings_that_cannot_load_are_refused(kwargs: dict, needle: str) -> None:
-    with pytest.raises(GlmcError, match=needle):
-        plan_mapping(pp=1, num_heads=96, num_kv_heads=8, **kwargs)
+def test_plans_trtllm_cannot_serve_exit_2_naming_the_degree(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], pipeline: str, message: str
+) -> None:
+    out = tmp_path / "b"
+    code = main(["build", "glm-tiny", "-o", str(out), "--emit", "trtllm", "--pipeline", pipeline])
+    err = capsys.readouterr().err
+    assert code == 2 and message in " ".join(err.split()), err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_plan_layouts_trtllm_does_not_carry_are_said(tmp_path: Path) -> None:
+    """A load-aware expert map is not written (TensorRT-LLM places experts contiguously: a
+    warning and a line in both headers); the plan's dp is that many launches."""
+    load = tmp_path / "load.json"
+    load.write_text(json.dumps([100, 1, 50, 3, 7, 20, 2, 9]))
+    with pytest.warns(UserWarning, match=r"load-aware expert map is not written.*4 per moe_ep rank \(ep=2\)"):
+        glmc.build(
+            "glm-tiny", tmp_path / "b", pipeline=f"shard{{dp=3,ep=2,expert_load={load}}}", emit=["trtllm"]
+        )
+    bundle = tmp_path / "b" / "trtllm"
+    opts = yaml.safe_load((bundle / "extra_llm_api_options.yaml").read_text())
+    assert (opts["tensor_parallel_size"], opts["moe_expert_parallel_size"], opts["enable_attention_dp"]) == (
+        2,
+        2,
+        True,
+    )
+    for f in ("extra_llm_api_options.yaml", "launch.sh"):
+        text = (bundle / f).read_text()
+        assert "# Plan: experts: contiguous, 4 per moe_ep rank; the plan's load-aware expert map" in text
+        assert "# Plan: the plan's dp=3 is 3 launches of this bundle, each on 2 GPUs" in text
+    # Replicas whose experts still divide ep: served without them, said the same way.
+    with pytest.warns(UserWarning, match=r"redundant_experts=2 replicas \(10 slots\) is not written"):
+        m = _mapping_of("glm-tiny", "shard{ep=2,redundant_experts=2}")
+    assert m["moe_expert_parallel_size"] == 2 and m["launches"] == 1
+    # A contiguous plan is TensorRT-LLM's own placement: nothing to say.
+    assert _mapping_of("glm-tiny", "shard{dp=1,ep=2}")["notes"] == ()
+
+
+def test_glm45_stages_differ_from_trtllm_even_split() -> None:
+    """TensorRT-LLM splits the 92 trunk layers 23 a rank; the pass balances FLOPs (the embedding
+    rides with the first stage, head and MTP with the last): the options say both."""
+    m = _mapping_of("glm-4.5", "shard{pp=4,ep=8}")
+    assert m["pipeline_parallel_size"] == 4 and m["tensor_parallel_size"] == 8
+    (note,) = m["notes"]
+    assert note.startswith(
+        "layers: TensorRT-LLM splits the 92 layers evenly over pp=4 (0-22, 23-45, 46-68, 69-91)"
+    )
 
 
 def _glm_opts(version: str) -> dict:
     # GLM-4.5's vocabulary: <think>/</think> ids are known, so relaxed acceptance is wanted.
-    o = ServeOptions(tp=8, ep=8, attention_dp=True, think_ids=(151350, 151351), trtllm_version=version)
-    return llm_api_options(o, num_experts=160, has_mtp=True)
+    m = Mapping(tensor_parallel_size=8, moe_expert_parallel_size=8, enable_attention_dp=True)
+    o = ServeOptions(mapping=m, think_ids=(151350, 151351), trtllm_version=version)
+    return llm_api_options(o, has_mtp=True)
 
 
 def test_version_floor_follows_the_fields_written() -> None:

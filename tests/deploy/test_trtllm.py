@@ -12,7 +12,7 @@ import yaml
 
 import glmc
 from glmc.errors import GlmcError
-from glmc.export.trtllm import ServeOptions, llm_api_options, validate_options
+from glmc.export.trtllm import Mapping, ServeOptions, llm_api_options, validate_options
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +50,13 @@ def test_bundle_files_and_options(bundle):
     assert "trtllm-serve" in text and "--extra_llm_api_options" in text and "--backend pytorch" in text
 
 
+# GLM-4.5 over 8 GPUs as shard{ep=8} translates (attention data parallel, experts over moe_ep).
+EP8 = Mapping(tensor_parallel_size=8, moe_expert_parallel_size=8, enable_attention_dp=True)
+
+
 def test_options_for_glm45_parallel_fp8_kv():
     opts = llm_api_options(
-        ServeOptions(
-            tp=8, ep=8, attention_dp=True, kv_cache_dtype="fp8", draft_tokens=3, think_ids=(151350, 151351)
-        ),
-        num_experts=160,
+        ServeOptions(mapping=EP8, kv_cache_dtype="fp8", draft_tokens=3, think_ids=(151350, 151351)),
         has_mtp=True,
     )
     assert opts["moe_tensor_parallel_size"] == 1 and opts["enable_attention_dp"] is True
@@ -63,17 +64,15 @@ def test_options_for_glm45_parallel_fp8_kv():
     spec = opts["speculative_config"]
     assert spec["use_relaxed_acceptance_for_thinking"] is True
     assert (spec["begin_thinking_phase_token"], spec["end_thinking_phase_token"]) == (151350, 151351)
-    assert "speculative_config" not in llm_api_options(ServeOptions(), num_experts=8, has_mtp=False)
+    assert "speculative_config" not in llm_api_options(ServeOptions(), has_mtp=False)
 
 
-@pytest.mark.parametrize(
-    ("opts", "match"),
-    [(ServeOptions(tp=4, ep=3), "must divide"), (ServeOptions(tp=6, ep=6), "routed experts"),
-     (ServeOptions(kv_cache_dtype="int4"), "kv cache dtype")],
-)  # fmt: skip
-def test_bad_options_are_rejected(opts, match):
-    with pytest.raises(GlmcError, match=match):
-        llm_api_options(opts, num_experts=160 if opts.ep != 6 else 8, has_mtp=True)
+def test_bad_options_are_rejected():
+    with pytest.raises(GlmcError, match="kv cache dtype"):
+        llm_api_options(ServeOptions(kv_cache_dtype="int4"), has_mtp=True)
+    # TensorRT-LLM's own Mapping rule (tensor_parallel_size = moe_ep x moe_tp) holds by construction.
+    with pytest.raises(ValueError, match="must equal moe_expert_parallel_size x moe_tensor_parallel_size"):
+        Mapping(tensor_parallel_size=4, moe_expert_parallel_size=3)
 
 
 def test_validator_catches_unknown_and_mistyped_fields():
