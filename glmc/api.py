@@ -64,7 +64,7 @@ def inspect(
     g = compile_graph(s, pipeline)
     info = summary(g, seq_len=seq_len)
     out = {"name": s.name, "pipeline": pipeline or "", "spec": s.model_dump(mode="json"), **info}
-    if g.attr("mesh", None) is not None:
+    if g.attrs.mesh:
         out["parallel"] = per_rank_memory(g, training)
     return out
 
@@ -330,7 +330,7 @@ def build(
             s, plain = ckpt.spec, ckpt.graph
         else:
             plain = compile_graph(s, dtype=asked or "bf16")  # the graph the weights follow
-        ir = DType.parse(str(plain.attr("dtype")))
+        ir = plain.attrs.dtype
         torch_dtype = TORCH_DTYPES[ir]
         graph = run_passes(plain, passes) if passes else plain  # the graph the targets honour
         for target in chosen:
@@ -421,8 +421,8 @@ def load_torch_artifact(
     lowered = compile_graph(spec, dtype=ir_dtype(dtype))
     graph = run_pipeline(lowered, pipeline) if pipeline else lowered
     state = _read_torch_state(f, graph, dtype, allow_nonfinite)
-    if dequantize and graph.attr("quantization", None) is not None:
-        kept = ",".join(x for x in graph.attr("passes", ()) if not str(x).startswith("quantize-fp8"))
+    if dequantize and graph.attrs.quantization is not None:
+        kept = ",".join(x for x in graph.attrs.passes if not x.startswith("quantize-fp8"))
         state = _dequantized(graph, state, dtype)
         graph = run_pipeline(lowered, kept) if kept else lowered
     return _model(graph, spec, state, dtype)
@@ -481,7 +481,7 @@ def _dequantized(graph: Graph, state: dict[str, torch.Tensor], dtype: torch.dtyp
 
     out = dict(state)
     for fqn, node, p in graph.params():
-        recipe = p.attr("quant", None)
+        recipe = p.attrs.quant
         if recipe is None or fqn not in out:
             continue
         scale = out.pop(f"{node.name}.{scale_param_name(p.name, recipe)}")

@@ -157,7 +157,7 @@ def run_passes(graph: Graph, passes: list[Pass], observer: Observer | None = Non
         t0 = time.perf_counter()
         out = p.apply(graph)
         t1 = time.perf_counter()
-        out = verify(out.with_attrs(passes=(*graph.attr("passes", ()), p.spelling())))
+        out = verify(out.with_attrs(passes=(*graph.attrs.passes, p.spelling())))
         t2 = time.perf_counter()
         if observer is not None:
             observer(p, out, PassRecord(p.spelling(), t1 - t0, t2 - t1, len(graph.nodes), len(out.nodes)))

@@ -64,7 +64,7 @@ def available_bytes() -> int | None:
 def model_bytes(graph: Graph) -> tuple[int, int]:
     """(weights, init temporaries) of a torch model of `graph` at the graph's dtype: every
     tensor the model holds, and fp32 draws plus a cast copy of its largest tensor."""
-    item = DType.parse(str(graph.attr("dtype", "bf16"))).itemsize
+    item = graph.attrs.dtype.itemsize
     largest = max((p.numel for _, _, p in graph.params() if p.tied_to is None), default=0)
     return weight_bytes(graph), largest * (4 + item)
 

@@ -84,7 +84,7 @@ class OutTensor:
 def ranks(graph: Graph) -> list[Coords | None]:
     """The ranks with distinct weights (data-parallel replicas are identical), as mesh
     coordinates; `[None]` for a graph without a shard plan."""
-    if graph.attr("mesh", None) is None:
+    if not graph.attrs.mesh:
         return [None]
     m = mesh_of(graph)
     return [
@@ -100,14 +100,14 @@ def rank_dir(coords: Coords) -> str:
 def plan_checkpoint(graph: Graph, coords: Coords | None = None) -> list[OutTensor]:
     """The tensors of the checkpoint of `graph` held by the rank at `coords` (all of them when
     None), in graph order."""
-    fused = graph.attr("weight_layout", None) == "fused"
+    fused = graph.attrs.weight_layout == "fused"
     ctx = _Context(graph, coords)
     out: list[OutTensor] = []
     for node in graph.nodes:
         if coords is not None and stage_of(node) != coords["pp"]:
             continue
         for p in node.params:
-            if p.role is ParamRole.SCALE or not p.attr("checkpoint", True):
+            if p.role is ParamRole.SCALE or not p.attrs.checkpoint:
                 continue
             groups = ctx.pieces(node, p)
             made = _fused_tensor(ctx, node, p, groups) if fused else _hf_tensors(ctx, p, groups)
@@ -118,11 +118,11 @@ def plan_checkpoint(graph: Graph, coords: Coords | None = None) -> list[OutTenso
 def unquantized_modules(graph: Graph) -> list[str]:
     """Checkpoint module names of the GEMM-like weights left in high precision (for the
     `modules_to_not_convert` / `ignore` lists of a quantization_config)."""
-    n_layers = int(graph.attr("num_layers"))
+    n_layers = graph.attrs.num_layers
     out: dict[str, None] = {}
     roles = (ParamRole.WEIGHT, ParamRole.EXPERT, ParamRole.ROUTER, ParamRole.OUTPUT, ParamRole.EMBEDDING)
     for fqn, _, p in graph.params():
-        if p.role not in roles or p.attr("quant", None) is not None or not p.attr("checkpoint", True):
+        if p.role not in roles or p.attrs.quant is not None or not p.attrs.checkpoint:
             continue
         name = hf_name(fqn, n_layers)
         module = name.rsplit(".", 1)[0] if p.role is ParamRole.EXPERT else name.removesuffix(".weight")
@@ -147,8 +147,8 @@ class _Context:
     def __init__(self, graph: Graph, coords: Coords | None) -> None:
         self.graph, self.coords = graph, coords
         self.mesh = mesh_of(graph)
-        self.n_layers = int(graph.attr("num_layers"))
-        self.model_dtype = DType.parse(str(graph.attr("dtype")))
+        self.n_layers = graph.attrs.num_layers
+        self.model_dtype = graph.attrs.dtype
         self.params = {fqn: p for fqn, _, p in graph.params()}
 
     def name(self, ir_name: str) -> str:
@@ -169,8 +169,8 @@ class _Context:
             experts = ep.index[self._rank("ep")] if ep is not None else tuple(range(p.shape[0]))
             names = [[f"{prefix}.{e}.{proj}.weight" for proj in projs] for e in experts]
         else:
-            fused = p.attr("fused", None)
-            segments = tuple(p.attr("segments")) if fused else (p.shape[0],)
+            fused = p.attrs.fused
+            segments = p.attrs.segments if fused else (p.shape[0],)
             names = [[self.name(f"{node.name}.{c}") for c in fused] if fused else [self.name(full)]]
         fallback = self.name(resolve_tie(self.params, full)) if p.tied_to else None
         rows = [(0, s) for s in segments]
@@ -199,14 +199,14 @@ class _Context:
         return local_shape(p, self.mesh, self.coords)
 
     def dtype(self, p: Param) -> DType:
-        return self.model_dtype if p.attr("quant", None) is not None else p.dtype
+        return self.model_dtype if p.attrs.quant is not None else p.dtype
 
 
 def _fused_tensor(ctx: _Context, node: Node, p: Param, groups: list[list[Piece]]) -> list[OutTensor]:
     name = ctx.name(f"{node.name}.{p.name}")
     pieces = tuple(pc for g in groups for pc in g)
     shape = ctx.shape(p)
-    recipe = p.attr("quant", None)
+    recipe = p.attrs.quant
     if recipe is None:
         return [OutTensor(name, shape, p.role, ctx.dtype(p), pieces)]
     per_group = [pc.scale_shape(recipe) for pc in groups[0]]
@@ -215,7 +215,7 @@ def _fused_tensor(ctx: _Context, node: Node, p: Param, groups: list[list[Piece]]
 
 
 def _hf_tensors(ctx: _Context, p: Param, groups: list[list[Piece]]) -> list[OutTensor]:
-    recipe = p.attr("quant", None)
+    recipe = p.attrs.quant
     out = []
     for pc in (pc for g in groups for pc in g):
         if recipe is None:

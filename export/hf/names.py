@@ -54,8 +54,11 @@ class HFTensor:
 def hf_tensors(graph: Graph) -> list[HFTensor]:
     """Every checkpoint tensor of an unquantised, unsharded `graph`, in graph order (experts:
     per expert gate, up, down)."""
-    for attr in ("quantization", "mesh"):
-        if graph.attr(attr, None) is not None:
+    for attr, present in (
+        ("quantization", graph.attrs.quantization is not None),
+        ("mesh", bool(graph.attrs.mesh)),
+    ):
+        if present:
             raise ValueError(f"a state dict maps to the checkpoint of a graph without {attr}")
     params = {fqn: p for fqn, _, p in graph.params()}
     by_param: dict[str, list[OutTensor]] = {}

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from glmc.ir import DType, Graph, ParamRole, summary
+from glmc.ir import Graph, ParamRole, summary
 
 from ..sidecar import copy_sidecars
 from ..target import BaseTarget, Meta, Weights
@@ -43,7 +43,7 @@ class HfTarget(BaseTarget):
 
     def size_hint(self, graph: Graph, itemsize: int) -> int:
         params = int(summary(graph)["params"]["checkpoint"])  # the MTP copies included
-        return params * (1 if graph.attr("quantization", None) is not None else itemsize)
+        return params * (1 if graph.attrs.quantization is not None else itemsize)
 
     def emit(self, graph: Graph, weights: Weights, out: Path, meta: Meta) -> None:
         out.mkdir(parents=True)
@@ -58,14 +58,15 @@ class HfTarget(BaseTarget):
         )
         write_layout(graph, tensors, out)
         write_config(meta.hf_config, graph, out)
-        manifest = convert_manifest(graph, ",".join(graph.attr("passes", ())), meta.source, meta.glmc_version)
+        manifest = convert_manifest(graph, ",".join(graph.attrs.passes), meta.source, meta.glmc_version)
         (out / CONVERT_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         copy_sidecars(meta.sidecars, [out, *(out / rank_dir(c) for c in ranks(graph) if c is not None)])
 
 
 def changes_layout(graph: Graph) -> bool:
     """Whether the passes that ran change how the checkpoint is stored (names, dtypes, ranks)."""
-    return any(graph.attr(k, None) is not None for k in ("weight_layout", "quantization", "mesh"))
+    a = graph.attrs
+    return a.weight_layout is not None or a.quantization is not None or bool(a.mesh)
 
 
 def write_hf_checkpoint(
@@ -83,7 +84,7 @@ class Layout:
     """Every rank's tensors of `graph`, their output dtypes and byte counts (metadata only)."""
 
     def __init__(self, graph: Graph, tensors: LogicalSource, override: torch.dtype | None) -> None:
-        model_dtype = TORCH_DTYPES[DType.parse(str(graph.attr("dtype")))]
+        model_dtype = TORCH_DTYPES[graph.attrs.dtype]
         self.plans = [(coords, plan_checkpoint(graph, coords)) for coords in ranks(graph)]
         self.dtypes = {
             t.name: _out_dtype(t, tensors, override, model_dtype) for _, plan in self.plans for t in plan
@@ -127,10 +128,8 @@ def write_config(
     """config.json of the layout: the model's dtype (or `override`) and, for FP8, the
     `quantization_config` listing every GEMM left in high precision."""
     cfg = dict(hf_config)
-    cfg["torch_dtype"] = str(override or TORCH_DTYPES[DType.parse(str(graph.attr("dtype")))]).removeprefix(
-        "torch."
-    )
-    recipe = graph.attr("quantization", None)
+    cfg["torch_dtype"] = str(override or TORCH_DTYPES[graph.attrs.dtype]).removeprefix("torch.")
+    recipe = graph.attrs.quantization
     if recipe is not None:
         cfg["quantization_config"] = quantization_config(recipe, unquantized_modules(graph))
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -138,17 +137,17 @@ def write_config(
 
 def convert_manifest(graph: Graph, pipeline: str, source: str, glmc_version: str) -> dict[str, Any]:
     """`glmc_convert.json`: which passes made this layout, its mesh, stages and rank folders."""
-    mesh = graph.attr("mesh", None)
+    mesh = graph.attrs.mesh
     rank_list = [{"dir": rank_dir(c), **c} for c in ranks(graph) if c is not None]
     return {
         "glmc_version": glmc_version,
         "source": source,
         "pipeline": pipeline,
-        "passes": list(graph.attr("passes", ())),
-        "weight_layout": graph.attr("weight_layout", "hf"),
-        "quantization": graph.attr("quantization", None),
+        "passes": list(graph.attrs.passes),
+        "weight_layout": graph.attrs.weight_layout or "hf",
+        "quantization": graph.attrs.quantization,
         "mesh": dict(mesh) if mesh else None,
-        "pp_stages": [list(s) for s in graph.attr("pp_stages", ())],
+        "pp_stages": [list(s) for s in graph.attrs.pp_stages],
         "ranks": rank_list,
     }
 

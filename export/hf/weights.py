@@ -64,7 +64,7 @@ def from_hf(
     src = _Source(reader)
     _check_names(graph, plan, src)
     _check_meta(plan, src)
-    model_dtype = DType.parse(str(graph.attr("dtype")))
+    model_dtype = graph.attrs.dtype
     state: dict[str, torch.Tensor] = {}
     for t in plan:
         if t.copy:
@@ -222,7 +222,7 @@ def _target_dtype(t: HFTensor, model_dtype: DType, requested: torch.dtype | None
 
 
 def _mtp_hint(graph: Graph, missing: list[str], unexpected: list[str]) -> str:
-    n_layers, n_mtp = int(graph.attr("num_layers")), int(graph.attr("num_mtp_layers"))
+    n_layers, n_mtp = graph.attrs.num_layers, graph.attrs.num_mtp_layers
     if missing and all(hf_layer(n) >= n_layers for n in missing):
         return f" (the spec has num_mtp_layers={n_mtp}; does the checkpoint have MTP layers?)"
     if unexpected and all(hf_layer(n) >= n_layers for n in unexpected):

@@ -94,16 +94,16 @@ def stage_plan(graph: Graph, index: int) -> Stage:
     embedding on stage 0, trunk layers where `pp_stages` puts them, norm, head and MTP layers on
     the last stage. Copies: a tied parameter whose owner sits on another stage (the MTP layer's
     embedding, a tied LM head)."""
-    stages = [(int(a), int(b)) for a, b in graph.attr("pp_stages", ())]
+    stages = list(graph.attrs.pp_stages)
     if not stages:
         raise GlmcError("pipeline parallel training needs a graph the shard pass planned stages on")
-    n_layers, last = int(graph.attr("num_layers")), len(stages) - 1
+    n_layers, last = graph.attrs.num_layers, len(stages) - 1
     first_layer, last_layer = stages[index]
     where = {i: s for s, (a, b) in enumerate(stages) for i in range(a, b + 1)}
     owner = {f"{n.name}.{p.name}": stage_of(n) for n in graph.nodes for p in n.params}
     copies: set[str] = set()
     for n in graph.nodes:
-        layer = n.attr("layer", None)
+        layer = n.attrs.layer
         if n.name == "model.embed_tokens":
             want = 0
         elif layer is not None and int(layer) < n_layers:
@@ -384,8 +384,8 @@ def pipeline_module(
     runner = PipelineRunner(
         module, d,
         microbatches=cfg.grad_accum, micro_size=micro_size, seq_len=cfg.seq_len,
-        hidden=int(graph.attr("hidden_size")), vocab=int(graph.attr("vocab_size")),
-        num_mtp=int(graph.attr("num_mtp_layers")), mtp_weight=cfg.mtp_weight, balance_weight=cfg.balance_loss,
+        hidden=graph.attrs.hidden_size, vocab=graph.attrs.vocab_size,
+        num_mtp=graph.attrs.num_mtp_layers, mtp_weight=cfg.mtp_weight, balance_weight=cfg.balance_loss,
     )  # fmt: skip
     return module, runner
 

@@ -62,7 +62,7 @@ class ParallelPlan:
         from glmc.ir import mesh_of
 
         m = mesh_of(g)
-        stages = tuple((int(a), int(b)) for a, b in g.attr("pp_stages", ()))
+        stages = g.attrs.pp_stages
         return cls(dp=m["dp"], ep=m["ep"], tp=m["tp"], pp=m["pp"], stages=stages)
 
 
