@@ -51,7 +51,7 @@ from torch.utils.checkpoint import checkpoint
 from glmc.errors import GlmcError
 from glmc.export.torch.ep import Piece, ShardedExperts, shard_experts
 from glmc.export.torch.model import Attention, DecoderLayer, Experts, GLMForCausalLM, MTPLayer
-from glmc.ir import Graph, Op, ParamRole, ShardSpec, shard_specs
+from glmc.ir import AttentionAttrs, Graph, Op, ParamRole, ShardSpec, shard_specs
 from glmc.train.balance import no_token_counting, routers
 from glmc.train.plan import Dist
 
@@ -124,7 +124,7 @@ def placements(lm: nn.Module, graph: Graph) -> dict[str, tuple[ShardSpec, ...]]:
             if sp.axis == "tp" and any(r > 1 for r in sp.replicas):
                 raise GlmcError(
                     f"train: {name} replicates KV heads over tp (tp > attention.num_kv_heads); training "
-                    f"gives each tp rank whole KV heads of its own: use tp <= {node.attr('num_kv_heads')}"
+                    f"gives each tp rank whole KV heads of its own: use tp <= {AttentionAttrs.of(node).num_kv_heads}"
                 )
         if tuple(t.shape) != tuple(p.shape):
             raise GlmcError(f"train: {name} has shape {list(t.shape)}, the graph says {list(p.shape)}")
