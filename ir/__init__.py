@@ -39,7 +39,7 @@ from .attrs import (
 )
 from .dtypes import DType
 from .errors import AttrError, CheckpointError, GlmcError, SpecError, VerifyError
-from .graph import Graph, Node, Param, ParamRole, make_attrs
+from .graph import Graph, Node, Param, ParamRole
 from .memory import TrainingAssumptions, per_rank_memory
 from .ops import Op
 from .placement import (
@@ -101,7 +101,6 @@ __all__ = [
     "format_node",
     "kv_cache_bytes_per_token",
     "local_shape",
-    "make_attrs",
     "max_local_numel",
     "mesh_of",
     "node_flops",

@@ -10,39 +10,31 @@ param.name`, which is also its name in the emitted torch module. Attributes are 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from enum import Enum
 from functools import cached_property
-from typing import Any, TypeAlias
+from typing import Any
 
 from .attrs import GraphAttrs, NodeAttrs, ParamAttrs, Record, record_of
 from .dtypes import DType
 from .errors import AttrError
 from .ops import Op
 
-# The untyped key/value form of attributes, still accepted on construction (converted to the
-# record) while callers move to the records.
-Attrs: TypeAlias = tuple[tuple[str, Any], ...]
-
 _MISSING: Any = object()
 _UNSET: Any = NodeAttrs()  # Node's default: the op's record with every field at its default
 _NO_PARAM_ATTRS = ParamAttrs()
 
 
-def make_attrs(**kwargs: Any) -> Attrs:
-    """Attributes as sorted (key, value) pairs, None dropped: the untyped form. Prefer the
-    records of ir/attrs.py (`AttentionAttrs(...)`), which check names and types."""
-    return tuple(sorted((k, v) for k, v in kwargs.items() if v is not None))
-
-
 def _typed(owner: str, make: type[Record], attrs: Any) -> Any:
-    """`attrs` as a `make` record: a tuple of pairs is converted, a record must be a `make`."""
-    try:
-        if isinstance(attrs, tuple):
-            return make(**dict(attrs))
-    except AttrError as e:
-        raise AttrError(f"{owner}: {e}") from None
+    """`attrs`, which must be a `make` record; `_UNSET` becomes `make()` (every field at its
+    default)."""
+    if attrs is _UNSET:
+        try:
+            return make()
+        except AttrError as e:
+            raise AttrError(f"{owner}: {e}") from None
     if type(attrs) is not make:
         raise AttrError(f"{owner}: takes {make.__name__}, got {type(attrs).__name__}")
     return attrs
@@ -56,6 +48,11 @@ def _updated(owner: str, attrs: Record, updates: dict[str, Any]) -> Any:
 
 
 def _get(owner: str, attrs: Record, key: str, default: Any) -> Any:
+    warnings.warn(
+        f"{owner}: attr({key!r}) reads by name; read the typed field (ir/README.md)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
     v = attrs.get(key, _MISSING)
     if v is not _MISSING:
         return v
@@ -107,7 +104,8 @@ class Param:
         return self.numel * self.dtype.itemsize
 
     def attr(self, key: str, default: Any = _MISSING) -> Any:
-        """Untyped read by name; prefer `self.attrs.<field>`."""
+        """Deprecated untyped read by name (a field at its default reads as absent); read
+        `self.attrs.<field>` instead."""
         return _get(f"param {self.name}", self.attrs, key, default)
 
     def with_attrs(self, **updates: Any) -> Param:
@@ -125,11 +123,11 @@ class Node:
     attrs: NodeAttrs = _UNSET
 
     def __post_init__(self) -> None:
-        attrs: Any = () if self.attrs is _UNSET else self.attrs
-        object.__setattr__(self, "attrs", _typed(f"node {self.name}", record_of(self.op), attrs))
+        object.__setattr__(self, "attrs", _typed(f"node {self.name}", record_of(self.op), self.attrs))
 
     def attr(self, key: str, default: Any = _MISSING) -> Any:
-        """Untyped read by name; prefer `self.attrs.<field>` / `XAttrs.of(self).<field>`."""
+        """Deprecated untyped read by name (a field at its default reads as absent); read
+        `self.attrs.<field>` / `XAttrs.of(self).<field>` instead."""
         return _get(f"node {self.name}", self.attrs, key, default)
 
     def with_attrs(self, **updates: Any) -> Node:
@@ -156,7 +154,8 @@ class Graph:
         object.__setattr__(self, "attrs", _typed(f"graph {self.name}", GraphAttrs, self.attrs))
 
     def attr(self, key: str, default: Any = _MISSING) -> Any:
-        """Untyped read by name; prefer `self.attrs.<field>`."""
+        """Deprecated untyped read by name (a field at its default reads as absent); read
+        `self.attrs.<field>` instead."""
         return _get(f"graph {self.name}", self.attrs, key, default)
 
     def with_attrs(self, **updates: Any) -> Graph:
