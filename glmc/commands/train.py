@@ -11,7 +11,8 @@ import argparse
 import math
 import os
 
-from glmc.commands._common import EXIT_OK, add_spec_argument
+from glmc.commands._common import EXIT_OK, add_spec_argument, human_bytes
+from glmc.errors import GlmcError
 
 NAME = "train"
 HELP = "Train a spec on local text files (torchrun for several processes)"
@@ -22,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     d = TrainConfig()
     add_spec_argument(p)
-    p.add_argument("--data", action="append", required=True, help="text file or folder (repeatable)")
+    p.add_argument("--data", action="append", help="text or folder (repeatable; needed unless --dry-run)")
     p.add_argument("-o", "--out", default=d.out, help=f"run folder (default {d.out})")
     p.add_argument("--pipeline", help="passes to run first; its shard{dp,ep,tp,pp} pass is the parallel plan")
     p.add_argument("--tokenizer", help="Hugging Face tokenizer.json (default: built-in bytes, 258 ids)")
@@ -84,6 +85,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-export", action="store_true", help="skip the Hugging Face export at the end")
     p.add_argument("--peak-tflops", type=float, help="per-device peak for MFU (default: a stated guess)")
     p.add_argument("--no-progress", action="store_true")
+    dry = p.add_argument_group(
+        "dry run (no data, no model allocated: every rank role's real sharded module stepped on fake tensors)"
+    )
+    dry.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build and step each rank role of the plan on one CPU process under a fake process group; "
+        "print per-rank parameter, gradient, optimizer and peak activation bytes next to glmc inspect's",
+    )
+    dry.add_argument("--world", type=int, help="with --dry-run: the launch's world (default: the plan's)")
+    dry.add_argument("--device-memory", help="with --dry-run: memory of one device, e.g. 141GiB or 80GB")
+    dry.add_argument("--json", action="store_true", help="with --dry-run: the report as JSON on stdout")
 
 
 def config_from_args(args: argparse.Namespace) -> object:
@@ -91,7 +104,7 @@ def config_from_args(args: argparse.Namespace) -> object:
 
     return TrainConfig(
         spec=args.spec,
-        data=tuple(args.data),
+        data=tuple(args.data or ()),
         out=args.out,
         pipeline=args.pipeline,
         tokenizer=args.tokenizer,
@@ -142,6 +155,13 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     assert isinstance(cfg, TrainConfig)
+    if args.dry_run:
+        return _dry_run(cfg, args)
+    for flag in ("world", "device_memory"):
+        if getattr(args, flag) is not None:
+            raise GlmcError(f"--{flag.replace('_', '-')} belongs to --dry-run")
+    if not args.data:
+        raise GlmcError("--data is required: the text files or folders to train on (or --dry-run)")
     result = train(cfg)
     if result.records and os.environ.get("RANK", "0") == "0":
         first, last = result.records[0], result.records[-1]
@@ -149,4 +169,70 @@ def run(args: argparse.Namespace) -> int:
             f"trained steps {first['step']}..{last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}; "
             f"run folder {result.run_dir}"
         )
+    return EXIT_OK
+
+
+def parse_memory(text: str) -> int:
+    """'141GiB' -> 141 * 2**30; also KiB, MiB, TiB, KB, MB, GB, TB and plain byte counts."""
+    units = {
+        "": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+        "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+    }  # fmt: skip
+    t = text.strip().upper()
+    num = t.rstrip("KMGTIB")
+    try:
+        value = float(num) * units[t[len(num) :]]
+    except (ValueError, KeyError):
+        raise GlmcError(f"--device-memory {text!r} is not a size such as 141GiB, 80GB or 1048576") from None
+    if not math.isfinite(value) or value < 1:
+        raise GlmcError(f"--device-memory must be a positive size, got {text!r}")
+    return int(value)
+
+
+def _dry_run(cfg: object, args: argparse.Namespace) -> int:
+    import json
+
+    from glmc.train.dryrun import dry_run
+
+    memory = parse_memory(args.device_memory) if args.device_memory is not None else None
+    report = dry_run(cfg, world=args.world, device_memory=memory)  # type: ignore[arg-type]
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    d = report.as_dict()
+    m = d["mesh"]
+    t = Table(
+        title=f"glmc train --dry-run: {d['name']}, pp={m['pp']} dp={m['dp']} ep={m['ep']} tp={m['tp']} "
+        f"({d['world_size']} ranks); micro-batch {d['micro_batch']} x {d['seq_len']} tokens, "
+        f"{d['microbatches']} per step, {d['activations']}",
+        caption=f"measured on the real sharded modules (fake tensors) / IR prediction (glmc inspect); "
+        f"{d['assumptions']}",
+        header_style="bold",
+    )
+    for col in ("role", "ranks", "params", "grads", "optim", "act. peak", "peak", "fits"):
+        t.add_column(col, justify="right")
+    for r in d["roles"]:
+        if not r["built"]:
+            t.add_row(r["role"], str(r["ranks"]), f"not built: {r['note']}", "", "", "", "", "")
+            continue
+        mes, ir = r["measured"], r["ir"]
+
+        def pair(key: str, mes: dict = mes, ir: dict = ir) -> str:
+            same = "=" if mes[key] == ir[key] else "!="
+            return f"{human_bytes(mes[key])} {same} {human_bytes(ir[key])}"
+
+        fits = {True: "yes", False: "no", None: "-"}[r["fits"]]
+        t.add_row(
+            r["role"], str(r["ranks"]), pair("param_bytes"), pair("grad_bytes"), pair("optimizer_bytes"),
+            human_bytes(mes["activation_peak_bytes"]), human_bytes(mes["peak_bytes"]), fits,
+        )  # fmt: skip
+    console = Console()
+    console.print(t)
+    console.print(
+        f"per-rank bytes equal the IR's: {'yes' if d['ir_equal'] else 'NO'}; "
+        f"dry run {d['seconds']:.1f} s, peak RSS {human_bytes(d['peak_rss_bytes'])}"
+    )
     return EXIT_OK

@@ -128,13 +128,15 @@ def roles(graph: Graph) -> list[Role]:
     never the whole world."""
     mesh = mesh_of(graph)
     index_specs: list[tuple[int, str, tuple[tuple[int, ...], ...]]] = []
-    seen: set[tuple[str, tuple[tuple[int, ...], ...]]] = set()
+    seen: set[tuple[int, str, tuple[tuple[int, ...], ...]]] = set()
     for n in graph.nodes:
         for p in n.params:
             for s in shard_specs(p):
-                if s.index and (s.axis, s.index) not in seen:
-                    seen.add((s.axis, s.index))
-                    index_specs.append((stage_of(n), s.axis, s.index))
+                # Layers may share one map (the pass's contiguous placement): once per stage.
+                key = (stage_of(n), s.axis, s.index)
+                if s.index and key not in seen:
+                    seen.add(key)
+                    index_specs.append(key)
     axes = ["pp", *sorted({a for _, a, _ in index_specs}, key=MESH_AXES.index)]
     others = 1
     for a in MESH_AXES:
