@@ -35,6 +35,7 @@ from .attrs import (
     RmsNormAttrs,
     RouterAttrs,
     SendRecvAttrs,
+    VocabAttrs,
     record_of,
 )
 from .dtypes import DType
@@ -95,6 +96,7 @@ __all__ = [
     "SpecError",
     "TrainingAssumptions",
     "VerifyError",
+    "VocabAttrs",
     "count_params",
     "flops_per_token",
     "format_graph",

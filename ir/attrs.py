@@ -176,16 +176,22 @@ class OutputAttrs(NodeAttrs):
     name: str
 
 
-@record(Op.EMBED)
-class EmbedAttrs(NodeAttrs):
+@record()
+class VocabAttrs(NodeAttrs):
+    """A [vocab, dim] weight: the embedding and the output head."""
+
     vocab: int
     dim: int
+
+
+@record(Op.EMBED)
+class EmbedAttrs(VocabAttrs):
+    pass
 
 
 @record(Op.LM_HEAD)
-class LmHeadAttrs(NodeAttrs):
-    vocab: int
-    dim: int
+class LmHeadAttrs(VocabAttrs):
+    pass
 
 
 @record(Op.RMSNORM)

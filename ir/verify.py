@@ -8,17 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .attrs import (
-    AttentionAttrs,
-    EmbedAttrs,
-    ExpertsAttrs,
-    FfnAttrs,
-    LinearAttrs,
-    LmHeadAttrs,
-    MoeAttrs,
-    RmsNormAttrs,
-    RouterAttrs,
-)
+from . import attrs
 from .dtypes import DType
 from .errors import VerifyError
 from .graph import Graph, Node, ParamRole
@@ -71,27 +61,22 @@ def _shape(n: Node, name: str, shape: tuple[int, ...]) -> list[str]:
     return [] if got == shape else [f"parameter {name} has shape {list(got)}, expected {list(shape)}"]
 
 
-def _check_embed(n: Node) -> list[str]:
-    a = EmbedAttrs.of(n)
-    return _arity(n, 1) + _shape(n, "weight", (a.vocab, a.dim))
-
-
-def _check_lm_head(n: Node) -> list[str]:
-    a = LmHeadAttrs.of(n)
+def _check_vocab(n: Node) -> list[str]:
+    a = attrs.VocabAttrs.of(n)
     return _arity(n, 1) + _shape(n, "weight", (a.vocab, a.dim))
 
 
 def _check_rmsnorm(n: Node) -> list[str]:
-    return _arity(n, 1) + _shape(n, "weight", (RmsNormAttrs.of(n).dim,))
+    return _arity(n, 1) + _shape(n, "weight", (attrs.RmsNormAttrs.of(n).dim,))
 
 
 def _check_linear(n: Node) -> list[str]:
-    a = LinearAttrs.of(n)
+    a = attrs.LinearAttrs.of(n)
     return _arity(n, 1) + _shape(n, "weight", (a.out_features, a.in_features))
 
 
 def _check_attention(n: Node) -> list[str]:
-    a = AttentionAttrs.of(n)
+    a = attrs.AttentionAttrs.of(n)
     h, nh, nkv, d = a.hidden, a.num_heads, a.num_kv_heads, a.head_dim
     out = _arity(n, 1)
     if n.has_param("qkv_proj.weight"):  # fused by a pass
@@ -107,7 +92,7 @@ def _check_attention(n: Node) -> list[str]:
 
 
 def _check_mlp(n: Node) -> list[str]:
-    a = FfnAttrs.of(n)
+    a = attrs.FfnAttrs.of(n)
     return _arity(n, 1) + _swiglu(n, "", a.hidden, a.intermediate_size)
 
 
@@ -119,24 +104,24 @@ def _swiglu(n: Node, prefix: str, h: int, i: int) -> list[str]:
     return out + _shape(n, prefix + "down_proj.weight", (h, i))
 
 
-def _router_shapes(n: Node, prefix: str, a: RouterAttrs) -> list[str]:
+def _router_shapes(n: Node, prefix: str, a: attrs.RouterAttrs) -> list[str]:
     out = _shape(n, prefix + "weight", (a.num_experts, a.hidden))
     if n.has_param(prefix + "e_score_correction_bias"):
         out += _shape(n, prefix + "e_score_correction_bias", (a.num_experts,))
     return out
 
 
-def _expert_shapes(n: Node, prefix: str, a: ExpertsAttrs) -> list[str]:
+def _expert_shapes(n: Node, prefix: str, a: attrs.ExpertsAttrs) -> list[str]:
     e, h, i = a.num_experts, a.hidden, a.intermediate_size
     return _shape(n, prefix + "gate_up_proj", (e, 2 * i, h)) + _shape(n, prefix + "down_proj", (e, h, i))
 
 
 def _check_router(n: Node) -> list[str]:
-    return _arity(n, 1) + _router_shapes(n, "", RouterAttrs.of(n))
+    return _arity(n, 1) + _router_shapes(n, "", attrs.RouterAttrs.of(n))
 
 
 def _check_experts(n: Node) -> list[str]:
-    out = _arity(n, 2) + _expert_shapes(n, "", ExpertsAttrs.of(n))
+    out = _arity(n, 2) + _expert_shapes(n, "", attrs.ExpertsAttrs.of(n))
     out += [
         f"parameter {p.name} must have role expert"
         for p in n.params
@@ -146,7 +131,7 @@ def _check_experts(n: Node) -> list[str]:
 
 
 def _check_moe(n: Node) -> list[str]:
-    a = MoeAttrs.of(n)
+    a = attrs.MoeAttrs.of(n)
     out = [] if len(n.inputs) in (1, 2) else [f"moe takes 1 input (2 with a dispatch), got {len(n.inputs)}"]
     out += _router_shapes(n, "gate.", a) + _expert_shapes(n, "experts.", a)
     if a.shared_intermediate_size:
@@ -199,14 +184,14 @@ def _check_variadic(n: Node) -> list[str]:
 _CHECKS: dict[Op, Callable[[Node], list[str]]] = {
     Op.INPUT: lambda n: _arity(n, 0),
     Op.OUTPUT: lambda n: _arity(n, 1),
-    Op.EMBED: _check_embed,
+    Op.EMBED: _check_vocab,
     Op.RMSNORM: _check_rmsnorm,
     Op.ATTENTION: _check_attention,
     Op.MLP: _check_mlp,
     Op.ROUTER: _check_router,
     Op.EXPERTS: _check_experts,
     Op.LINEAR: _check_linear,
-    Op.LM_HEAD: _check_lm_head,
+    Op.LM_HEAD: _check_vocab,
     Op.ADD: _check_variadic,
     Op.CONCAT: _check_variadic,
     Op.MOE: _check_moe,
