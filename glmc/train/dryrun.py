@@ -147,12 +147,12 @@ def roles(graph: Graph) -> list[Role]:
         coords = dict.fromkeys(MESH_AXES, 0) | dict(zip(axes, combo, strict=True))
         stage = coords["pp"]
         slots = tuple(len(idx[coords[a]]) for s, a, idx in index_specs if s == stage)
-        key = (stage, slots)
-        if key in found:
-            r = found[key]
-            found[key] = replace(r, ranks=r.ranks + others)
+        role = (stage, slots)
+        if role in found:
+            r = found[role]
+            found[role] = replace(r, ranks=r.ranks + others)
             continue
-        found[key] = Role(stage, _rank_of(coords, mesh), coords, others, slots)
+        found[role] = Role(stage, _rank_of(coords, mesh), coords, others, slots)
     return sorted(found.values(), key=lambda r: r.rank)
 
 
@@ -319,7 +319,7 @@ def run_role(
         lm = build_model(
             compile_graph(spec, dtype=ir_dtype(torch.float32)), dtype=torch.float32, device="meta"
         )
-        lm.spec = spec  # type: ignore[assignment]
+        lm.spec = spec
         lm.train()
         pipe = None
         if plan.pp > 1:
