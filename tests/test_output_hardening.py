@@ -129,7 +129,7 @@ def test_symlink_output_is_refused_before_any_work(
     (target / "mine.txt").write_text("keep")
     link = tmp_path / "link"
     link.symlink_to(target)
-    monkeypatch.setattr(glmc.api, "from_pretrained", _no_work)
+    _forbid_loading(monkeypatch)
     _bad(
         ["build", "glm-tiny", "--weights", ckpt, "-o", link, "--force"], capsys, f"{link} is a symbolic link"
     )
@@ -142,6 +142,18 @@ def test_symlink_output_is_refused_before_any_work(
 
 def _no_work(*_a: object, **_k: object) -> None:
     raise AssertionError("the output folder should have been refused before loading weights")
+
+
+def _forbid_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every path that reads checkpoint tensors fails the test: `build --weights` reads through
+    `OpenedWeights.read` (into its one lowering), `convert` streams tensors in `write_layout`
+    (opening the source reads headers only), and `from_pretrained` stays covered for any caller
+    that still loads a whole model."""
+    import glmc.convert
+
+    monkeypatch.setattr(glmc.api.OpenedWeights, "read", _no_work)
+    monkeypatch.setattr(glmc.convert, "write_layout", _no_work)
+    monkeypatch.setattr(glmc.api, "from_pretrained", _no_work)
 
 
 @pytest.mark.parametrize(
@@ -172,7 +184,7 @@ def test_unwritable_outputs_fail_before_any_work(
         real_mkdir(self, *a, **k)
 
     monkeypatch.setattr(pathlib.Path, "mkdir", read_only_mkdir)
-    monkeypatch.setattr(glmc.api, "from_pretrained", _no_work)
+    _forbid_loading(monkeypatch)
     _bad(["build", "glm-tiny", "--weights", ckpt, "-o", out], capsys, needle, str(out))
     _bad(["convert", ckpt, "-o", out, "--quiet"], capsys, needle)
     if out.parent.is_dir() and os.access(out.parent, os.W_OK):
