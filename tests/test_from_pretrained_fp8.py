@@ -97,3 +97,35 @@ def test_build_with_weights_lowers_once(
     calls.clear()
     glmc.from_pretrained(tmp_path / "q")
     assert len(calls) == 1, calls
+
+
+def test_generate_runs_fp8_artifacts_as_fp8_unless_dequantize(
+    wide_ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`glmc generate` loads an FP8 torch artifact through from_pretrained, so it runs the FP8
+    path; `--dequantize` loads the plain model instead. The CPU FP8 path dequantises the weights
+    it multiplies, so both give the same greedy ids. An exported graph cannot be dequantised at
+    load time: refused by name."""
+    from cli_helpers import expect_bad_input, run  # tests/cli_helpers.py
+
+    from glmc.runtime import open_artifact
+
+    out = tmp_path / "b"
+    glmc.build(wide_ckpt, out, weights=wide_ckpt, emit=["torch"], pipeline="quantize-fp8")
+    fp8 = open_artifact(out, "torch", dtype="fp32")
+    plain = open_artifact(out, "torch", dtype="fp32", dequantize=True)
+    assert _fp8_names(fp8.backend.model) and not _fp8_names(plain.backend.model)
+    ids = []
+    for flag in ([], ["--dequantize"]):
+        code, stdout, _ = run(
+            ["generate", out, "--target", "torch", "--prompt-ids", "3,17,42,9", "--max-new-tokens", "6",
+             "--dtype", "fp32", "--speculative", "mtp", *flag],
+            capsys,
+        )  # fmt: skip
+        assert code == 0
+        ids.append(stdout)
+    assert ids[0] == ids[1] and ids[0].strip()
+    glmc.build(wide_ckpt, tmp_path / "o", weights=wide_ckpt, emit=["onnx"], pipeline="quantize-fp8")
+    expect_bad_input(
+        ["generate", tmp_path / "o", "--prompt-ids", "3,17", "--dequantize"], capsys, "--dequantize"
+    )

@@ -38,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="torch backend dtype; auto (default): bf16 where the CPU has AVX512-BF16 or AMX, else fp32",
     )
     p.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="torch and checkpoint artifacts with FP8 weights: load them dequantised (in --dtype) instead "
+        "of running the FP8 path",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="torch backend: compile the decode, verify and MTP steps once (torch.compile; CUDA graphs on "
@@ -85,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
         if not 1 <= draft <= MAX_DRAFT_TOKENS:
             raise GlmcError(f"--draft-tokens must be in 1..{MAX_DRAFT_TOKENS} (got {draft})")
     lines = _read_prompt_file(args.prompt_file) if args.prompt_file is not None else None
-    art = open_artifact(args.artifact, args.target, dtype=args.dtype, compiled=args.compile)
+    art = open_artifact(
+        args.artifact, args.target, dtype=args.dtype, compiled=args.compile, dequantize=args.dequantize
+    )
     tok = None
     if args.prompt_ids is not None:
         prompts = [_parse_ids(args.prompt_ids)]

@@ -36,16 +36,22 @@ class Artifact:
 
 
 def open_artifact(
-    path: str | Path, target: str | None = None, dtype: str = "fp32", compiled: bool = False
+    path: str | Path,
+    target: str | None = None,
+    dtype: str = "fp32",
+    compiled: bool = False,
+    dequantize: bool = False,
 ) -> Artifact:
     """`dtype` ("fp32", "bf16" for the torch backend only: the exported graphs are fp32; "auto":
     bf16 where this machine computes it faster than fp32, see glmc.runtime.cpu) and
-    `compiled` (the torch backend's fixed-shape steps under torch.compile) pick how it runs."""
+    `compiled` (the torch backend's fixed-shape steps under torch.compile) pick how it runs.
+    A torch or checkpoint artifact with FP8 weights runs them as FP8 (glmc.from_pretrained)
+    unless `dequantize`, which loads the plain model in `dtype` instead."""
     p = Path(path)
     if not p.is_dir():
         raise GlmcError(f"artifact folder not found: {p}")
     if (p / BUILD_FILE).is_file():
-        return _open_build(p, target, dtype, compiled)
+        return _open_build(p, target, dtype, compiled, dequantize)
     found = _kind(p)
     if found is None:
         raise GlmcError(
@@ -54,20 +60,20 @@ def open_artifact(
         )
     if target is not None and target != found:
         raise GlmcError(f"{p} holds a {found} artifact, not {target}")
-    return _open(p, found, dtype, compiled)
+    return _open(p, found, dtype, compiled, dequantize)
 
 
-def _open_build(p: Path, target: str | None, dtype: str, compiled: bool) -> Artifact:
+def _open_build(p: Path, target: str | None, dtype: str, compiled: bool, dequantize: bool) -> Artifact:
     present = [t for t in PREFERENCE if (p / t).is_dir()]
     if target is not None:
         if target not in RUNNABLE:
             raise GlmcError(f"--target {target}: generate runs {', '.join(sorted(RUNNABLE))}")
         if target not in present:
             raise GlmcError(f"{p} has no {target}/ folder (it has: {', '.join(present) or 'none'})")
-        return _open(p / target, target, dtype, compiled)
+        return _open(p / target, target, dtype, compiled, dequantize)
     if not present:
         raise GlmcError(f"build folder {p} has no runnable target folder ({', '.join(PREFERENCE)})")
-    return _open(p / present[0], present[0], dtype, compiled)
+    return _open(p / present[0], present[0], dtype, compiled, dequantize)
 
 
 def _kind(p: Path) -> str | None:
@@ -91,7 +97,9 @@ def read_runtime_manifest(p: Path) -> dict[str, Any]:
     return data
 
 
-def _open(p: Path, target: str, dtype: str = "fp32", compiled: bool = False) -> Artifact:
+def _open(
+    p: Path, target: str, dtype: str = "fp32", compiled: bool = False, dequantize: bool = False
+) -> Artifact:
     if dtype not in ("auto", "fp32", "bf16"):
         raise GlmcError(f"--dtype must be auto, fp32 or bf16 (got {dtype!r})")
     note = ""
@@ -104,7 +112,9 @@ def _open(p: Path, target: str, dtype: str = "fp32", compiled: bool = False) -> 
         if dtype == "auto":
             fast, why = fast_bf16("cpu")
             dtype, note = ("bf16" if fast else "fp32"), why
-        model = from_pretrained(p, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+        model = from_pretrained(
+            p, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32, dequantize=dequantize
+        )
         backend = TorchBackend(model, model.spec, compiled=compiled)  # type: ignore[arg-type]
         return Artifact(backend, p, target, dtype, note)
     if dtype == "auto":
@@ -116,6 +126,11 @@ def _open(p: Path, target: str, dtype: str = "fp32", compiled: bool = False) -> 
     if compiled:
         raise GlmcError(
             f"--compile applies to the torch backend; the {target} artifact is compiled ahead of time"
+        )
+    if dequantize:
+        raise GlmcError(
+            f"--dequantize applies to torch and checkpoint artifacts; the {target} artifact's weights are "
+            "fixed when it is built (build it without quantize-fp8 instead)"
         )
     if target not in RUNNABLE:
         raise GlmcError(
