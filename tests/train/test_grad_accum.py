@@ -114,6 +114,20 @@ def test_expert_parallel_micro_batches_match_one_process(tmp_path, corpus, refer
     print(f"EP=2 grad_accum=2: largest relative differences {worst}")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("plan", "world"),
+    [({"tp": 2}, 2), ({"ep": 2, "tp": 2}, 4), ({"dp": 2, "fsdp": False}, 2)],
+    ids=["tp2", "ep2xtp2", "dp2-no-fsdp"],
+)
+def test_micro_batches_under_tp_and_without_fsdp_match_one_process(tmp_path, corpus, reference, plan, world):
+    """grad_accum 2 with the plans whose extra gradient reductions (TP norms, expert-TP columns
+    and slots, `--no-fsdp` data parallel) must run once per step, after the last micro-batch."""
+    cfg = tiny_config(tmp_path, corpus, steps=STEPS, dtype="fp32", grad_accum=2, **plan)
+    worst = assert_same_run(run_distributed(cfg, world=world, probe=True), reference, world=world)
+    print(f"{plan} on {world} ranks, grad_accum=2: largest relative differences {worst}")
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 
