@@ -10,7 +10,6 @@ param.name`, which is also its name in the emitted torch module. Attributes are 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -22,7 +21,6 @@ from .dtypes import DType
 from .errors import AttrError
 from .ops import Op
 
-_MISSING: Any = object()
 _UNSET: Any = NodeAttrs()  # Node's default: the op's record with every field at its default
 _NO_PARAM_ATTRS = ParamAttrs()
 
@@ -45,20 +43,6 @@ def _updated(owner: str, attrs: Record, updates: dict[str, Any]) -> Any:
         return attrs.updated(**updates)
     except AttrError as e:
         raise AttrError(f"{owner}: {e}") from None
-
-
-def _get(owner: str, attrs: Record, key: str, default: Any) -> Any:
-    warnings.warn(
-        f"{owner}: attr({key!r}) reads by name; read the typed field (ir/README.md)",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    v = attrs.get(key, _MISSING)
-    if v is not _MISSING:
-        return v
-    if default is _MISSING:
-        raise KeyError(f"{owner} has no attribute {key!r}")
-    return default
 
 
 class ParamRole(Enum):
@@ -103,11 +87,6 @@ class Param:
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
 
-    def attr(self, key: str, default: Any = _MISSING) -> Any:
-        """Deprecated untyped read by name (a field at its default reads as absent); read
-        `self.attrs.<field>` instead."""
-        return _get(f"param {self.name}", self.attrs, key, default)
-
     def with_attrs(self, **updates: Any) -> Param:
         """Set (or, with None, reset to the default) annotations such as placement or quantization."""
         return replace(self, attrs=_updated(f"param {self.name}", self.attrs, updates))
@@ -124,11 +103,6 @@ class Node:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attrs", _typed(f"node {self.name}", record_of(self.op), self.attrs))
-
-    def attr(self, key: str, default: Any = _MISSING) -> Any:
-        """Deprecated untyped read by name (a field at its default reads as absent); read
-        `self.attrs.<field>` / `XAttrs.of(self).<field>` instead."""
-        return _get(f"node {self.name}", self.attrs, key, default)
 
     def with_attrs(self, **updates: Any) -> Node:
         """A copy with attributes changed (keyword names checked; None resets to the default)."""
@@ -152,11 +126,6 @@ class Graph:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attrs", _typed(f"graph {self.name}", GraphAttrs, self.attrs))
-
-    def attr(self, key: str, default: Any = _MISSING) -> Any:
-        """Deprecated untyped read by name (a field at its default reads as absent); read
-        `self.attrs.<field>` instead."""
-        return _get(f"graph {self.name}", self.attrs, key, default)
 
     def with_attrs(self, **updates: Any) -> Graph:
         """A copy with attributes changed (keyword names checked; None resets to the default)."""

@@ -30,7 +30,6 @@ cannot split block scales for. GLM-4.5 has no such weight; GLM-4.5-Air's dense M
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from typing import ClassVar, Literal
@@ -47,6 +46,7 @@ from glmc.ir import (
     shard_specs,
     with_shards,
 )
+from glmc.ir.naming import hf_name
 from glmc.ir.quant import (
     ACTIVATION_SCHEME,
     BLOCK,
@@ -61,7 +61,6 @@ from .base import Pass, PassError
 
 DEFAULT_EXCLUDE = ("*.eh_proj",)
 _GROUPS = (("q_proj.", "k_proj.", "v_proj."), ("gate_proj.", "up_proj."))
-_MTP = re.compile(r"^model\.mtp\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,7 @@ class QuantizeFP8(Pass):
                 continue
             if self.strict:
                 raise PassError(
-                    f"quantize-fp8{{strict=true}}: {_ckpt_name(f'{n.name}.{p.name}', n_layers)} has {bad}, not a "
+                    f"quantize-fp8{{strict=true}}: {hf_name(f'{n.name}.{p.name}', n_layers)} has {bad}, not a "
                     f"multiple of {BLOCK}: vLLM, SGLang and TensorRT-LLM refuse such block-FP8 weights; "
                     "without strict it stays BF16 (listed in modules_to_not_convert), or exclude it"
                 )
@@ -164,17 +163,8 @@ def _candidate(p: Param) -> bool:
 
 def _spellings(full: str, n_layers: int) -> list[str]:
     """A parameter's full name and module name, in glmc's and the checkpoint's spelling."""
-    names = [full]
-    m = _MTP.match(full)
-    if m:
-        names.append(f"model.layers.{n_layers + int(m.group(1))}." + full[m.end() :])
+    names = list(dict.fromkeys([full, hf_name(full, n_layers)]))
     return names + [x.removesuffix(".weight") for x in names if x.endswith(".weight")]
-
-
-def _ckpt_name(full: str, n_layers: int) -> str:
-    """The checkpoint's spelling of a parameter (MTP layers at index num_layers + i)."""
-    m = _MTP.match(full)
-    return f"model.layers.{n_layers + int(m.group(1))}." + full[m.end() :] if m else full
 
 
 def _check_groups(n: Node, chosen: set[str]) -> None:

@@ -50,7 +50,7 @@ def _dequantised_reference(
     """The plain fp32 model with each quantised weight replaced by dequant(quant(w)), read back
     through export/hf's logical reader (which dequantises segment by segment)."""
     ckpt = _fp8_checkpoint(plain, g, state)
-    back = LogicalSource(DictCheckpoint(ckpt), plan_checkpoint(unquantised), g.attr("quantization"))
+    back = LogicalSource(DictCheckpoint(ckpt), plan_checkpoint(unquantised), g.attrs.quantization)
     model = build_model(plain)
     model.load_state_dict(from_hf(plain, back, torch.float32), strict=True)
     return model.eval()
@@ -76,7 +76,7 @@ def test_fp8_model_equals_the_dequantised_reference(preset: str, layout: str | N
     model.load_state_dict(fp8_state, strict=True)
     model.eval()
     held = model.state_dict()
-    quantised = [fqn for fqn, _, p in g.params() if p.attr("quant", None) is not None]
+    quantised = [fqn for fqn, _, p in g.params() if p.attrs.quant is not None]
     assert quantised
     for fqn in quantised:
         assert held[fqn].dtype == FP8, fqn
@@ -86,8 +86,8 @@ def test_fp8_model_equals_the_dequantised_reference(preset: str, layout: str | N
     # The names a loader maps: the tensors export/hf's fused layout writes, bit for bit (the
     # Hugging Face layout splits experts per expert instead).
     ckpt = _fp8_checkpoint(plain, g, state)
-    n_layers = int(g.attr("num_layers"))
-    fused = g.attr("weight_layout", None) == "fused"
+    n_layers = g.attrs.num_layers
+    fused = g.attrs.weight_layout == "fused"
     for k in [*quantised, *scales] if fused else []:
         assert torch.equal(held[k].view(torch.uint8), ckpt[hf_name(k, n_layers)].view(torch.uint8)), k
 

@@ -101,7 +101,7 @@ def test_to_hf_reads_a_non_contiguous_state(tiny: Graph) -> None:
 def test_mtp_layer_is_renamed_and_carries_copies(tiny: Graph) -> None:
     state = random_state(tiny)
     hf = dict(to_hf(tiny, state))
-    n = tiny.attr("num_layers")
+    n = tiny.attrs.num_layers
     assert torch.equal(hf[f"model.layers.{n}.eh_proj.weight"], state["model.mtp.0.eh_proj.weight"])
     for copy, main in (
         ("embed_tokens.weight", "model.embed_tokens.weight"),
@@ -114,7 +114,7 @@ def test_mtp_layer_is_renamed_and_carries_copies(tiny: Graph) -> None:
 
 
 def test_mtp_naming_rule_and_its_inverse(tiny: Graph) -> None:
-    n = tiny.attr("num_layers")
+    n = tiny.attrs.num_layers
     for fqn, _, _ in tiny.params():
         assert ir_name(hf_name(fqn, n), n) == fqn
     assert hf_name("model.mtp.0.eh_proj.weight", n) == f"model.layers.{n}.eh_proj.weight"
@@ -144,7 +144,7 @@ def test_tied_embeddings_omit_lm_head() -> None:
     state = random_state(g)
     assert "lm_head.weight" not in state
     hf = dict(to_hf(g, state))
-    n = g.attr("num_layers")
+    n = g.attrs.num_layers
     # With a tied head, the MTP head copy is a copy of the embedding.
     assert torch.equal(hf[f"model.layers.{n}.shared_head.head.weight"], state["model.embed_tokens.weight"])
     assert_same_state(from_hf(g, hf), state)
@@ -165,7 +165,7 @@ def test_from_hf_casts_but_keeps_router_bias_fp32(tiny: Graph) -> None:
 def test_mtp_copies_may_be_absent(tiny: Graph) -> None:
     # GLM-4.6 ships no MTP embed/head copies; the main tensors are used.
     state = random_state(tiny)
-    n = tiny.attr("num_layers")
+    n = tiny.attrs.num_layers
     hf = {
         k: v
         for k, v in to_hf(tiny, state)
@@ -254,7 +254,7 @@ def test_missing_tensors_are_named(tiny: Graph) -> None:
 
 def test_unexpected_tensors_are_named(tiny: Graph) -> None:
     hf = dict(to_hf(tiny, random_state(tiny)))
-    n = tiny.attr("num_layers") + tiny.attr("num_mtp_layers")
+    n = tiny.attrs.num_layers + tiny.attrs.num_mtp_layers
     hf[f"model.layers.{n}.enorm.weight"] = torch.randn(64)
     hf["model.layers.1.mlp.experts.8.gate_proj.weight"] = torch.randn(32, 64)
     with pytest.raises(

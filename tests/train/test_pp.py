@@ -238,7 +238,7 @@ def test_stages_are_the_pass_s_and_keep_one_process_names() -> None:
     graph = compile_graph(spec, "shard{pp=3}")
     whole = {n for n, _ in build_torch(spec, dtype=torch.float32, seed=0).named_parameters()}
     held: list[set[str]] = []
-    for index, (first, last) in enumerate(graph.attr("pp_stages")):
+    for index, (first, last) in enumerate(graph.attrs.pp_stages):
         stage = stage_plan(graph, index)
         assert (stage.first_layer, stage.last_layer) == (first, last)
         # Only the last stage keeps a copy: the MTP layer's embedding.
