@@ -20,14 +20,15 @@ collective returns at once and moves nothing), then does what `glmc train` does 
 Reported per role: the bytes of parameters (with the persistent buffers the IR counts as
 parameters, the router's correction bias), gradients and optimizer state this rank holds,
 summed over its local pieces, next to the IR's prediction for its stage (`glmc.ir.memory`,
-with `TrainingAssumptions.glmc_train`: what `glmc inspect --pipeline P --json` prints with
-glmc train's assumptions); the step's peak of all live tensors and the activations' share of it
+with `TrainingAssumptions.glmc_train`: what `glmc inspect --pipeline P --train --json`
+prints); the step's peak of all live tensors and the activations' share of it
 (everything at the peak that is not a parameter, buffer, gradient or optimizer state: activations,
 autograd temporaries, FSDP2's gathered weights); and whether the peak fits `device_memory`.
 
 What fake tensors cannot know, the dry run assumes and says: routing is balanced (every
 integer vector an expert layer reads back to size its all-to-all splits its T·k rows evenly
-over its entries); blocks run eagerly (a compiled block usually holds less). Peak RSS and wall
+over its entries); the pipeline schedule's warm-up vote is answered locally (a fake receive
+delivers nothing); blocks run eagerly (a compiled block usually holds less). Peak RSS and wall
 time of the whole dry run are reported; nothing of the model's size is ever allocated.
 """
 
