@@ -7,7 +7,7 @@ activation share, whether it fits the device, and for the whole dry run its wall
 RSS (every process: the parent and each role's child) against the bytes one rank holds.
 
     python bench/dryrun.py [--plan SPEC:PIPELINE ...] [--seq 4096] [--micro 1] [--microbatches 4]
-                           [--device-memory 141GiB] [--json OUT.json]
+                           [--device-memory 141GiB] [--activation-checkpoint] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def run(spec_name: str, pipeline: str, args: argparse.Namespace, device_memory: 
         seq_len=args.seq,
         batch_size=data_ranks * args.micro * args.microbatches,
         grad_accum=args.microbatches,
+        activation_checkpoint=args.activation_checkpoint,
         compile=False,
     )
     report = dry_run(cfg, device_memory=device_memory)
@@ -56,6 +57,7 @@ def run(spec_name: str, pipeline: str, args: argparse.Namespace, device_memory: 
     print(
         f"\n{spec_name} {pipeline}: {report.world} ranks, micro-batch {report.micro_batch} x {args.seq} "
         f"tokens, {args.microbatches} micro-batches, {report.dtype}"
+        + (", activation checkpointing" if args.activation_checkpoint else "")
     )
     head = f"{'role':>8} {'ranks':>5} {'params':>22} {'grads':>22} {'optimizer':>22} {'act. peak':>11} {'peak':>11} fits"
     print(head)
@@ -90,6 +92,9 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=1, help="sequences per micro-batch per data-parallel rank")
     ap.add_argument("--microbatches", type=int, default=4, help="micro-batches per step (>= pp)")
     ap.add_argument("--device-memory", default="141GiB")
+    ap.add_argument(
+        "--activation-checkpoint", action="store_true", help="glmc train's --activation-checkpoint"
+    )
     ap.add_argument("--json", help="also write the reports to this file")
     args = ap.parse_args()
     load = os.getloadavg()
