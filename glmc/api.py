@@ -17,7 +17,7 @@ from glmc.export import get as get_target
 from glmc.export import names as target_names
 from glmc.ir import DType, Graph, TrainingAssumptions, format_graph, per_rank_memory, summary
 from glmc.outdir import atomic_folder, check_output_folder
-from glmc.pipeline import compile_graph, run_pipeline
+from glmc.pipeline import compile_graph, fp8_report, run_pipeline
 from glmc.resolve import resolve_spec, trunk_only_without_mtp, weight_dtype
 from glmc.resources import check_model
 from glmc.spec import ModelSpec
@@ -347,6 +347,9 @@ def build(
             "targets": [t.name for t in chosen],
             "summary": summary(graph),
         }
+        note = fp8_report(graph)
+        if note:
+            manifest["notes"] = [note]
         need = sum(t.size_hint(graph, ir.itemsize) for t in chosen)
         # The temporary folder is made before loading or initialising weights: an unwritable or
         # full output fails now, not after the work.

@@ -45,7 +45,7 @@ from glmc.export.hf.target import (
 from glmc.export.sidecar import copy_sidecars, find_sidecars
 from glmc.export.target import GLMC_SPEC_FILE
 from glmc.ir import DType, Graph, format_graph
-from glmc.pipeline import compile_graph, run_pipeline
+from glmc.pipeline import compile_graph, fp8_report, run_pipeline
 from glmc.resolve import WEIGHT_DTYPES, resolve_spec, trunk_only_without_mtp, weight_dtype
 from glmc.spec import ModelSpec
 from glmc.untrusted import load_json, read_text
@@ -190,7 +190,9 @@ def convert(
             )
     finally:
         source.close()
-    return {**manifest, **stats, "sidecars": copied, "seconds": time.perf_counter() - t0}
+    note = fp8_report(graph)
+    notes = {"notes": [note]} if note else {}
+    return {**manifest, **stats, **notes, "sidecars": copied, "seconds": time.perf_counter() - t0}
 
 
 def _config_dtype(config: dict[str, Any]) -> DType:

@@ -180,3 +180,21 @@ def compile_graph(
 
     passes = build(pipeline) if pipeline else []
     return run_passes(lower(spec, dtype=dtype), passes, observer)
+
+
+def fp8_report(graph: Graph) -> str | None:
+    """One line saying what quantize-fp8 did when it kept GEMM weights in high precision (the
+    serving stacks' 128 rule), so a user who asked for FP8 is told instead of finding BF16 files;
+    None when the pass did not run or quantised every candidate."""
+    recipe = graph.attrs.quantization
+    kept = graph.attrs.fp8_kept
+    if recipe is None or not kept:
+        return None
+    fp8 = sum(1 for _, _, p in graph.params() if p.attrs.quant is not None and p.attrs.of is None)
+    first = next(p.attrs.fp8_kept for _, _, p in graph.params() if p.attrs.fp8_kept)
+    what = "no weight" if fp8 == 0 else f"{fp8} weight(s)"
+    return (
+        f"quantize-fp8 ({recipe}) quantised {what}; {len(kept)} kept high precision for the serving "
+        f"stacks' 128 rule (e.g. {kept[0]}: {first}); quantize-fp8{{serving=false}} quantises them for "
+        "glmc and transformers, quantize-fp8{strict=true} refuses them"
+    )

@@ -160,3 +160,27 @@ def test_console_script_exit_code(tmp_path):
         check=False,
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr and "missing.json" in r.stderr
+
+
+def test_quantize_fp8_says_which_weights_it_kept(tmp_path, capsys):
+    """glm-tiny's GEMMs are narrower than 128, so the serving rule keeps them all high precision:
+    build and convert say so (and how to quantise anyway) instead of writing BF16 silently;
+    with serving=false every GEMM weight is FP8 and nothing is said."""
+    assert (
+        main(["build", "glm-tiny", "-o", str(tmp_path / "b"), "--emit", "hf", "--pipeline", "quantize-fp8"])
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "quantised no weight" in err and "serving=false" in err
+    assert json.loads((tmp_path / "b" / "build.json").read_text())["notes"][0].startswith(
+        "quantize-fp8 (block128)"
+    )
+    assert (
+        main(["convert", str(tmp_path / "b" / "hf"), "-o", str(tmp_path / "c"), "--pipeline", "quantize-fp8"])
+        == 0
+    )
+    assert "kept high precision" in capsys.readouterr().err
+    pipeline = "quantize-fp8{serving=false}"
+    assert main(["build", "glm-tiny", "-o", str(tmp_path / "d"), "--emit", "hf", "--pipeline", pipeline]) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert "notes" not in json.loads((tmp_path / "d" / "build.json").read_text())

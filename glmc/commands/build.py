@@ -51,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     from glmc.api import build
     from glmc.outdir import terminate_raises
@@ -72,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
             allow_nonfinite=args.allow_nonfinite,
             trtllm_version=args.trtllm_version,
         )
+    for note in manifest.get("notes", []):
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     p = manifest["summary"]["params"]
     console.print(
         f"[green]built[/] {manifest['spec']['name']} -> {args.out} "

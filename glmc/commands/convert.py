@@ -43,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -80,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
                         allow_nonfinite=args.allow_nonfinite)  # fmt: skip
     finally:
         bar.stop()
+    for note in r.get("notes", []):
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     mb = r["bytes_written"] / 1e6
     where = f" in {r['ranks']} rank folders" if r["ranks"] > 1 else ""
     quant = f", FP8 {r['quantization']}" if r["quantization"] else ""
