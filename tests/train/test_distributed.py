@@ -68,8 +68,21 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int],
         ({"tp": 2}, 4),  # dp=2 x tp=2: FSDP2 over dp composed with TP over tp (one root mesh)
         ({"tp": 2, "fsdp": False}, 4),  # dp=2 x tp=2, dense gradients all-reduced over dp
         ({"dp": 2, "optimizer": "adamw"}, 2),  # fused AdamW over FSDP2's DTensor shards, no Muon
+        ({"ep": 2, "tp": 2, "fsdp": False}, 4),  # expert-TP, dense gradients all-reduced over ep
+        ({"ep": 2, "tp": 2, "optimizer": "adamw"}, 4),  # AdamW on expert-TP slices and 2-D DTensors
     ],
-    ids=["fsdp2", "dp2", "ep2+fsdp2", "ep2", "tp2", "dp2xtp2+fsdp2", "dp2xtp2", "fsdp2-adamw"],
+    ids=[
+        "fsdp2",
+        "dp2",
+        "ep2+fsdp2",
+        "ep2",
+        "tp2",
+        "dp2xtp2+fsdp2",
+        "dp2xtp2",
+        "fsdp2-adamw",
+        "ep2xtp2",
+        "ep2xtp2+fsdp2-adamw",
+    ],
 )
 def test_parallel_run_matches_one_process(
     tmp_path: Path, reference: dict[tuple[str, int], Run], plan: dict[str, Any], world: int
