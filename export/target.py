@@ -96,9 +96,11 @@ class BaseTarget:
 
     name: ClassVar[str] = ""
     honours: ClassVar[frozenset[str]] = frozenset()
+    # Why a pass is not honoured, by pass name, for the refusal's message.
+    why_not: ClassVar[Mapping[str, str]] = {}
 
     def check(self, graph: Graph) -> None:
-        refuse_unhonoured(self.name, self.honours, graph)
+        refuse_unhonoured(self.name, self.honours, graph, self.why_not)
 
     def size_hint(self, graph: Graph, itemsize: int) -> int:
         return 0
@@ -109,14 +111,17 @@ def pass_names(graph: Graph) -> list[tuple[str, str]]:
     return [(str(s).partition("{")[0], str(s)) for s in graph.attrs.passes]
 
 
-def refuse_unhonoured(target: str, honours: frozenset[str], graph: Graph) -> None:
+def refuse_unhonoured(
+    target: str, honours: frozenset[str], graph: Graph, why_not: Mapping[str, str] | None = None
+) -> None:
     for name, spelling in pass_names(graph):
         if name not in honours:
             others = [t for t in names() if t != target and name in get(t).honours]
             instead = f", or emit {', '.join(others[:-1])} or {others[-1]}" if len(others) > 1 else ""
+            why = (why_not or {}).get(name, f"the {target} artifact would be written without it")
             raise GlmcError(
-                f"{target}: {spelling} ({changed_node(graph, name)}) is not supported: the {target} artifact "
-                f"would be written without it; drop it from --pipeline{instead}"
+                f"{target}: {spelling} ({changed_node(graph, name)}) is not supported: {why}; "
+                f"drop it from --pipeline{instead}"
             )
 
 

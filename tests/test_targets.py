@@ -5,6 +5,7 @@ target, the pass and a node; the spec is lowered once per build and per convert.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,24 @@ def test_an_unhonoured_pass_exits_2_before_any_work(
     assert err.startswith(f"glmc: error: {target}: {pass_name}") and "not supported" in err
     assert "node model." in err  # the node the pass changed
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no folder, not even a temporary one
+
+
+@pytest.mark.parametrize(
+    ("target", "pass_name", "why"),
+    [
+        ("aoti", "quantize-fp8", "no C++ kernel"),
+        ("aoti", "shard", "runs in one process"),
+        ("onnx", "shard", "ONNX has no collectives"),
+        ("torch-trt", "shard", "runs in one process"),
+        ("torch-trt", "fuse-moe", "the torch-trt artifact would be written without it"),
+    ],
+)
+def test_a_refusal_says_why(target: str, pass_name: str, why: str) -> None:
+    g = compile_graph(preset("glm-tiny"), PIPELINES[pass_name])
+    with pytest.raises(
+        glmc.GlmcError, match=rf"^{target}: {pass_name}.* is not supported: .*{re.escape(why)}.*; drop it"
+    ):
+        targets()[target].check(g)
 
 
 def test_trtllm_refuses_a_recipe_and_a_release_in_check(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -16,6 +17,12 @@ class AotiTarget(BaseTarget):
     name: ClassVar[str] = "aoti"
     # Compiled from the module of the weights' graph: no fused or FP8 storage, one process.
     honours: ClassVar[frozenset[str]] = frozenset()
+    why_not: ClassVar[Mapping[str, str]] = {
+        "quantize-fp8": "AOTInductor compiles the model to C++, and glmc's FP8 dequantise op is a Python "
+        "custom op with no C++ kernel to link",
+        "fuse-moe": "the package is compiled from the Hugging Face layout module",
+        "shard": "an AOTInductor package runs in one process",
+    }
 
     def emit(self, graph: Graph, weights: Weights, out: Path, meta: Meta) -> None:
         from . import export_aoti

@@ -4,6 +4,7 @@ provider has no bf16 kernels for this graph), and `genai_config.json`."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,6 +21,9 @@ class OnnxTarget(BaseTarget):
     # Traced from the module of the passed graph: fused parameters, FP8 weights as FLOAT8E4M3FN
     # initializers with DequantizeLinear. Per-rank programs are not exported: shard is refused.
     honours: ClassVar[frozenset[str]] = frozenset({"fuse-moe", "quantize-fp8"})
+    why_not: ClassVar[Mapping[str, str]] = {
+        "shard": "an ONNX model runs in one process (ONNX has no collectives to place the plan's communication)"
+    }
 
     def emit(self, graph: Graph, weights: Weights, out: Path, meta: Meta) -> None:
         from glmc.export.torch import build_model, passed_state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -14,6 +15,7 @@ class TorchTrtTarget(BaseTarget):
     name: ClassVar[str] = "torch-trt"
     # Exported from the module of the weights' graph: no fused or FP8 storage, one process.
     honours: ClassVar[frozenset[str]] = frozenset()
+    why_not: ClassVar[Mapping[str, str]] = {"shard": "a Torch-TensorRT engine runs in one process"}
 
     def emit(self, graph: Graph, weights: Weights, out: Path, meta: Meta) -> None:
         from . import export_programs
