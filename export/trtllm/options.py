@@ -29,7 +29,8 @@ from .schema import (
 
 @dataclass(frozen=True)
 class ServeOptions:
-    mapping: Mapping = field(default_factory=Mapping)  # TensorRT-LLM's parallel sizes (mapping.plan_mapping of the plan)
+    # TensorRT-LLM's parallel sizes, as mapping.plan_mapping translates the shard plan.
+    mapping: Mapping = field(default_factory=Mapping)
     kv_cache_dtype: str = "auto"
     draft_tokens: int = 3  # 0 disables MTP speculation
     think_ids: tuple[int, int] | None = None  # (<think>, </think>) for relaxed acceptance
