@@ -303,6 +303,69 @@ def run_distributed(cfg: Any, world: int = 2, probe: bool = False) -> dict[int, 
     return spawn(train_worker, world, cfg, probe)
 
 
+def _local_bytes(t: torch.Tensor) -> int:
+    from torch.distributed.tensor import DTensor
+
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return local.numel() * local.element_size()
+
+
+def held_bytes(model: torch.nn.Module, opts: list[torch.optim.Optimizer]) -> dict[str, int]:
+    """What this rank holds, summed over its local pieces: parameters and the router biases
+    (persistent buffers the IR counts as parameters), and every optimizer state tensor."""
+    params = sum(_local_bytes(p) for p in model.parameters())
+    params += sum(_local_bytes(b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+    optim = sum(
+        _local_bytes(v) for o in opts for st in o.state.values() for v in st.values() if torch.is_tensor(v)
+    )
+    return {"param_bytes": params, "optimizer_bytes": optim}
+
+
+def bytes_worker(rank: int, world: int, rdv: Rendezvous, cfg: Any, probe: type[Probe], queue: Any) -> None:
+    """Trains under `probe`; reports ("ok", the bytes this rank holds after its first optimizer
+    step, the probed Run) or ("error", message, traceback)."""
+    try:
+        join_world(rank, world, rdv)
+        from glmc.train import train
+
+        held: dict[str, int] = {}
+
+        def attach(model: torch.nn.Module, cfg: Any, opts: list[torch.optim.Optimizer]) -> None:
+            def after(*_: Any) -> None:  # the last optimizer has stepped: every state exists
+                held.update(held or held_bytes(model, opts))
+
+            opts[-1].register_step_post_hook(after)
+
+        with probe() as p, hooked_optimizers(attach):
+            result = train(cfg)
+        queue.put((rank, "ok", held, p.run(result.records)))
+    except BaseException as e:
+        queue.put((rank, "error", f"{type(e).__name__}: {e}", traceback.format_exc()))
+        raise
+
+
+def assert_resume_is_exact(cfg: Callable[..., Any], world: int) -> dict[int, tuple[str, Any, Any]]:
+    """`cfg(name, **changes)`: a 6-step run saving every 3 steps into a folder named `name`.
+    The run resumed from step 3 reproduces the uninterrupted run on every rank: its losses and
+    its final checkpoint's weights (experts included), bit for bit. Returns the full run."""
+    from glmc.train.checkpoint import read_model_state
+
+    full = run_distributed(cfg("full"), world)
+    for rank in range(world):
+        assert full[rank][0] == "ok", full[rank]
+    checkpoints = Path(cfg("full").out) / "checkpoints"
+    resumed = run_distributed(cfg("resumed", resume=str(checkpoints / "step-000003")), world)
+    for rank in range(world):
+        assert resumed[rank][0] == "ok", resumed[rank]
+        assert resumed[rank][1] == full[rank][1][3:]  # the uninterrupted run's losses, bit for bit
+    a = read_model_state(checkpoints / "step-000006")
+    b = read_model_state(Path(cfg("resumed").out) / "checkpoints" / "step-000006")
+    assert a.keys() == b.keys() and any(".experts." in k for k in a)
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
+    return full
+
+
 # --- the parity check -------------------------------------------------------------------------
 
 

@@ -14,18 +14,16 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from glmc.ir import shard_specs
 from glmc.lower import lower
 from glmc.passes import _expert_placement as placement
 from glmc.pipeline import run_pipeline
 from glmc.presets import get
-from glmc.train.checkpoint import read_model_state
 
-from ._dist import Run, assert_same_run, probed_train, run_distributed, spawn
+from ._dist import Probe, Run, assert_resume_is_exact, assert_same_run, bytes_worker, probed_train, spawn
 from .conftest import STDLIB_JSON, tiny_config
-from .test_shard_plans import _worker, inspect_train
+from .test_shard_plans import inspect_train
 
 STEPS = 20
 # glm-tiny's 8 experts; expert 0 and 2 carry most tokens.
@@ -77,7 +75,7 @@ def test_layout_trains_what_one_process_trains_and_holds_what_inspect_says(
     pipeline, world = _plans(load_file)[layout]
     predicted = inspect_train(pipeline, capsys)
     cfg = tiny_config(tmp_path, STDLIB_JSON, steps=STEPS, pipeline=pipeline)
-    results = spawn(_worker, world, cfg)
+    results = spawn(bytes_worker, world, cfg, Probe)
     worst = assert_same_run(results, reference, world)
     print(f"{layout} ({pipeline}) on {world} ranks: largest relative differences {worst}")
     want = {k: predicted["per_rank"][k] for k in ("param_bytes", "optimizer_bytes")}
@@ -94,16 +92,4 @@ def test_resume_of_a_redundant_load_aware_layout_is_exact(tmp_path: Path, load_f
     def cfg(name: str, **changes: object) -> object:
         return tiny_config(tmp_path / name, STDLIB_JSON, steps=6, save_every=3, pipeline=pipeline, **changes)
 
-    full = run_distributed(cfg("full"), world)
-    for rank in range(world):
-        assert full[rank][0] == "ok", full[rank]
-    ckpt = tmp_path / "full" / "checkpoints" / "step-000003"
-    resumed = run_distributed(cfg("resumed", resume=str(ckpt)), world)
-    for rank in range(world):
-        assert resumed[rank][0] == "ok", resumed[rank]
-        assert resumed[rank][1] == full[rank][1][3:]
-    a = read_model_state(tmp_path / "full" / "checkpoints" / "step-000006")
-    b = read_model_state(tmp_path / "resumed" / "checkpoints" / "step-000006")
-    assert a.keys() == b.keys() and any(".experts." in k for k in a)
-    for k, v in a.items():
-        assert torch.equal(v, b[k]), k
+    assert_resume_is_exact(cfg, world)

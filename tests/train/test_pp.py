@@ -10,26 +10,15 @@ the first stage and, for the MTP layer, as a copy on the last: the two must agre
 
 from __future__ import annotations
 
-import traceback
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from ._dist import (
-    Probe,
-    Rendezvous,
-    Run,
-    Tolerances,
-    assert_same_run,
-    hooked_optimizers,
-    join_world,
-    probed_train,
-    spawn,
-)
+from ._dist import Probe, Run, Tolerances, assert_same_run, bytes_worker, probed_train, spawn
 from .conftest import STDLIB_JSON, tiny_config
-from .test_shard_plans import held_bytes, inspect_train
+from .test_shard_plans import inspect_train
 
 STEPS = 20
 EMBEDDING = "lm.model.embed_tokens.weight"
@@ -59,29 +48,6 @@ class StageProbe(Probe):
                 self.final = {n: v.detach().clone() for n, v in values}
 
         opts[-1].register_step_post_hook(after)
-
-
-def pp_worker(rank: int, world: int, rdv: Rendezvous, cfg: Any, queue: Any) -> None:
-    """Trains under the probe; reports the parameter and optimizer bytes this rank holds."""
-    try:
-        join_world(rank, world, rdv)
-        from glmc.train import train
-
-        held: dict[str, int] = {}
-
-        def attach(model: torch.nn.Module, cfg: Any, opts: list[torch.optim.Optimizer]) -> None:
-            def after(*_: Any) -> None:  # the last optimizer has stepped: every state exists
-                held.update(held or held_bytes(model, opts))
-
-            opts[-1].register_step_post_hook(after)
-
-        with StageProbe() as probe, hooked_optimizers(attach):
-            result = train(cfg)
-        run = probe.run(result.records)
-        queue.put((rank, "ok", held, run))
-    except BaseException as e:
-        queue.put((rank, "error", f"{type(e).__name__}: {e}", traceback.format_exc()))
-        raise
 
 
 def _join(parts: list[dict[str, Any]], what: str, tol: float) -> dict[str, Any]:
@@ -172,7 +138,7 @@ def test_pipeline_run_matches_one_process_and_holds_what_inspect_says(
     cfg = tiny_config(
         tmp_path, STDLIB_JSON, steps=STEPS, pipeline=pipeline, grad_accum=accum, batch_size=batch
     )
-    raw = spawn(pp_worker, world, cfg)
+    raw = spawn(bytes_worker, world, cfg, StageProbe)
     results = join_pipelines(raw, world, pp)
     worst = assert_same_run(results, reference[batch], world // pp, Tolerances())
     print(f"{pipeline} on {world} ranks: largest relative differences {worst}")

@@ -7,58 +7,16 @@ every rank holds exactly the parameter and optimizer bytes `glmc inspect --train
 from __future__ import annotations
 
 import json
-import traceback
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from ._dist import Probe, Rendezvous, Run, assert_same_run, hooked_optimizers, join_world, probed_train, spawn
+from ._dist import Probe, Run, assert_same_run, bytes_worker, probed_train, spawn
 from .conftest import STDLIB_JSON, tiny_config
 
 STEPS = 20
 PLANS = [("shard{dp=2,ep=2}", 4), ("shard{ep=2,tp=2}", 4), ("shard{tp=2}", 2)]
-
-
-def _local_bytes(t: torch.Tensor) -> int:
-    from torch.distributed.tensor import DTensor
-
-    local = t.to_local() if isinstance(t, DTensor) else t
-    return local.numel() * local.element_size()
-
-
-def held_bytes(model: torch.nn.Module, opts: list[torch.optim.Optimizer]) -> dict[str, int]:
-    """What this rank holds, summed over its local pieces: parameters and the router biases
-    (persistent buffers the IR counts as parameters), and every optimizer state tensor."""
-    params = sum(_local_bytes(p) for p in model.parameters())
-    params += sum(_local_bytes(b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
-    optim = sum(
-        _local_bytes(v) for o in opts for st in o.state.values() for v in st.values() if torch.is_tensor(v)
-    )
-    return {"param_bytes": params, "optimizer_bytes": optim}
-
-
-def _worker(rank: int, world: int, rdv: Rendezvous, cfg: Any, queue: Any) -> None:
-    try:
-        join_world(rank, world, rdv)
-        from glmc.train import train
-
-        held: dict[str, int] = {}
-
-        def attach(model: torch.nn.Module, cfg: Any, opts: list[torch.optim.Optimizer]) -> None:
-            def after(*_: Any) -> None:  # the last optimizer has stepped: every state exists
-                held.update(held or held_bytes(model, opts))
-
-            opts[-1].register_step_post_hook(after)
-
-        with Probe() as probe, hooked_optimizers(attach):
-            result = train(cfg)
-        run = probe.run(result.records)
-        queue.put((rank, "ok", held, run))
-    except BaseException as e:
-        queue.put((rank, "error", f"{type(e).__name__}: {e}", traceback.format_exc()))
-        raise
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +42,7 @@ def test_shard_plan_trains_what_one_process_trains_and_holds_what_inspect_says(
 ) -> None:
     predicted = inspect_train(pipeline, capsys)
     cfg = tiny_config(tmp_path, STDLIB_JSON, steps=STEPS, pipeline=pipeline)
-    results = spawn(_worker, world, cfg)
+    results = spawn(bytes_worker, world, cfg, Probe)
     worst = assert_same_run(results, reference, world)
     print(f"{pipeline} on {world} ranks: largest relative differences {worst}")
     want = {k: predicted["per_rank"][k] for k in ("param_bytes", "optimizer_bytes")}
