@@ -32,6 +32,8 @@ OPSET = 20
 OPSET_FP8 = 21  # DequantizeLinear with FLOAT8E4M3FN input and block_size
 DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids")
 MTP_INPUTS = ("input_ids", "hidden_states", "attention_mask", "position_ids")
+STATIC_DECODER_INPUTS = ("input_ids", "position_ids")
+STATIC_MTP_INPUTS = ("input_ids", "hidden_states", "position_ids")
 
 
 def _dims(max_len: int) -> tuple[object, object, object, object]:
@@ -103,3 +105,86 @@ def export_mtp(model: GLMForCausalLM, path: Path, max_len: int) -> None:
     outputs = ["logits", "hidden_states_out", *kv_names("present", 1)]
     with static_moe(model):
         _export(MTPStep(model), example_inputs(model, 2, 3, 3, mtp=True), dyn, inputs, outputs, path)
+
+
+class StaticDecoderStep(torch.nn.Module):
+    """(input_ids, position_ids, *cache) -> (logits, hidden_states, *cache_out): the static-cache
+    step (`forward_static`) with the cache [B, nkv, T, d] passed in and returned updated. ONNX
+    has no in-place inputs, so the graph writes the new tokens' entries into a copy (one
+    ScatterElements per tensor) that the runtime binds to a second preallocated buffer."""
+
+    def __init__(self, model: GLMForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, *cache: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        # Clones: the exported program then has no mutated inputs, only outputs.
+        out = [t.clone() for t in cache]
+        pairs = [(out[i], out[i + 1]) for i in range(0, len(out), 2)]
+        logits, h = self.model.forward_static(input_ids, position_ids, pairs)
+        return (logits, h, *out)
+
+
+class StaticMTPStep(torch.nn.Module):
+    """(input_ids, hidden_states, position_ids, cache_key, cache_value) ->
+    (logits, hidden_states_out, cache_out_key, cache_out_value): `mtp_static` likewise."""
+
+    def __init__(self, model: GLMForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, hidden_states: torch.Tensor, position_ids: torch.Tensor,
+        key: torch.Tensor, value: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        k, v = key.clone(), value.clone()
+        logits, z = self.model.mtp_static(input_ids, hidden_states, position_ids, (k, v))
+        return logits, z, k, v
+
+
+def _static_dims(max_len: int) -> tuple[object, object, object]:
+    from torch.export import Dim
+
+    # Batch, new tokens, cache slots (the runtime rounds the cache length up to a bucket).
+    return (
+        Dim("batch", min=1, max=1024),
+        Dim("sequence", min=1, max=max_len),
+        Dim("cache_sequence", min=2, max=max_len + 64),
+    )
+
+
+def _static_inputs(
+    model: GLMForCausalLM, batch: int, seq: int, slots: int, mtp: bool
+) -> tuple[torch.Tensor, ...]:
+    full = example_inputs(model, batch, seq, slots, mtp=mtp)
+    pos = (torch.arange(seq) + 2).expand(batch, seq).contiguous()  # inside the slots
+    if mtp:
+        ids, h, _, _, *kv = full
+        return (ids, h, pos, *kv)
+    ids, _, _, *kv = full
+    return (ids, pos, *kv)
+
+
+def export_decoder_static(model: GLMForCausalLM, path: Path, max_len: int) -> None:
+    """model_static.onnx: (input_ids, position_ids, cache.*) -> (logits, hidden_states, cache_out.*);
+    cache [B, nkv, T, d], slot = position; a query sees its own row's slots 0..position."""
+    n = len(model.model.layers)
+    b, s, t = _static_dims(max_len)
+    dyn = ({0: b, 1: s}, {0: b, 1: s}, tuple({0: b, 2: t} for _ in range(2 * n)))
+    inputs = [*STATIC_DECODER_INPUTS, *kv_names("cache", n)]
+    outputs = ["logits", "hidden_states", *kv_names("cache_out", n)]
+    with static_moe(model):
+        _export(StaticDecoderStep(model), _static_inputs(model, 2, 3, 7, False), dyn, inputs, outputs, path)
+
+
+def export_mtp_static(model: GLMForCausalLM, path: Path, max_len: int) -> None:
+    """mtp_static.onnx: (input_ids, hidden_states, position_ids, cache.0.*) ->
+    (logits, hidden_states_out, cache_out.0.*)."""
+    b, s, t = _static_dims(max_len)
+    dyn = ({0: b, 1: s}, {0: b, 1: s}, {0: b, 1: s}, {0: b, 2: t}, {0: b, 2: t})
+    inputs = [*STATIC_MTP_INPUTS, *kv_names("cache", 1)]
+    outputs = ["logits", "hidden_states_out", *kv_names("cache_out", 1)]
+    with static_moe(model):
+        _export(StaticMTPStep(model), _static_inputs(model, 2, 3, 7, True), dyn, inputs, outputs, path)

@@ -1,5 +1,7 @@
-"""The `onnx` target: `model.onnx` (+ `mtp.onnx`) with KV cache, fp32 (ONNX Runtime's CPU
-provider has no bf16 kernels for this graph), and `genai_config.json`."""
+"""The `onnx` target: `model.onnx` (+ `mtp.onnx`) with a grown KV cache, which
+`genai_config.json` names for ONNX Runtime GenAI, and beside them `model_static.onnx` (+
+`mtp_static.onnx`), the same steps on a static cache that `glmc generate` binds in place; fp32
+(ONNX Runtime's CPU provider has no bf16 kernels for this graph)."""
 
 from __future__ import annotations
 
@@ -29,17 +31,20 @@ class OnnxTarget(BaseTarget):
         from glmc.export.torch import build_model, passed_state
 
         from . import export_decoder, export_mtp, genai_config
+        from .graphs import export_decoder_static, export_mtp_static
 
         out.mkdir(parents=True)
         model = build_model(graph, dtype=torch.float32)  # FP8 weights and their scales stay as they are
         model.load_state_dict(passed_state(graph, weights.state), strict=True)
         model.eval()
         context = graph.attrs.max_position_embeddings
-        files = {"decoder": "model.onnx"}
+        files = {"decoder": "model.onnx", "decoder_static": "model_static.onnx"}
         export_decoder(model, out / files["decoder"], context)
+        export_decoder_static(model, out / files["decoder_static"], context)
         if graph.attrs.num_mtp_layers:
-            files["mtp"] = "mtp.onnx"
+            files["mtp"], files["mtp_static"] = "mtp.onnx", "mtp_static.onnx"
             export_mtp(model, out / files["mtp"], context)
+            export_mtp_static(model, out / files["mtp_static"], context)
         cfg = genai_config(
             model,
             context_length=context,

@@ -1,7 +1,7 @@
 """ONNX Runtime (CPU) as a decoding backend: model.onnx for the trunk, mtp.onnx for drafting.
-Tensors cross as numpy arrays: ONNX Runtime reads contiguous numpy inputs in place and returns
-outputs that wrap its own buffers, so no KV cache is copied on the way in or out (I/O binding
-measured slower here: every input changes shape each step, so it only adds bind calls).
+On these grown-cache graphs tensors cross as numpy arrays: ONNX Runtime reads contiguous numpy
+inputs in place and returns outputs that wrap its own buffers (I/O binding measured slower on
+them: every input changes shape each step, so it only adds bind calls).
 
 Threads: each session has its own intra-op pool (ONNX Runtime's default size unless `threads`
 is given), and after a run the pool's threads keep spinning for more work. Speculation
@@ -9,6 +9,12 @@ alternates the two sessions call by call, so the drafter's spinning threads comp
 cores with the trunk's verify step (on a 2-core VM, MTP K=2 decoded at 0.6-0.8x plain speed).
 The MTP session therefore stops spinning as soon as its run returns; the trunk session keeps
 ONNX Runtime's defaults, so plain decoding is unchanged.
+
+Static-cache graphs (`model_static.onnx`, `mtp_static.onnx`, written beside the grown-cache
+graphs that onnxruntime-genai's genai_config names): when the artifact has them, the decoding
+loop runs on `OnnxStaticSteps`, which binds every input and output by address (I/O binding):
+the cache goes in where it lies and the updated cache comes out into a second preallocated
+buffer, the two swapping roles each step, so nothing is sliced, copied or scattered on the host.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from torch import Tensor
 
 from glmc.runtime.backend import KV, GraphBackend
+from glmc.runtime.steps import Steps
 from glmc.spec import ModelSpec
 
 # ONNX Runtime session config key (onnxruntime_session_options_config_keys.h).
@@ -44,6 +51,7 @@ class OnnxBackend(GraphBackend):
             return opts
 
         self.spec = spec
+        self.files = dict(files)
         providers = ["CPUExecutionProvider"]
         self._decoder: Any = ort.InferenceSession(
             str(folder / files["decoder"]), options(False), providers=providers
@@ -55,6 +63,28 @@ class OnnxBackend(GraphBackend):
         )
         self._dec_in = [i.name for i in self._decoder.get_inputs()]
         self._mtp_in = [i.name for i in self._mtp.get_inputs()] if self._mtp is not None else []
+        # Artifacts built before the static-cache graphs existed lack them: FunctionalSteps then.
+        self.static = "decoder_static" in files and ("mtp" not in files or "mtp_static" in files)
+        self._static: Any = (
+            ort.InferenceSession(str(folder / files["decoder_static"]), options(False), providers=providers)
+            if self.static
+            else None
+        )
+        self._mtp_static: Any = (
+            ort.InferenceSession(str(folder / files["mtp_static"]), options(True), providers=providers)
+            if self.static and "mtp_static" in files
+            else None
+        )
+        self._steps: dict[tuple[int, int], Steps] = {}
+
+    def steps(self, batch: int, length: int) -> Steps:
+        if not self.static:
+            return super().steps(batch, length)
+        # Kept per (batch, length) like the torch backend's: repeated calls reuse the buffers.
+        key = (batch, length)
+        if key not in self._steps:
+            self._steps[key] = OnnxStaticSteps(self, batch, length)
+        return self._steps[key]
 
     def forward(
         self, ids: Tensor, positions: Tensor, past: list[KV], mask: Tensor
@@ -71,6 +101,71 @@ class OnnxBackend(GraphBackend):
         out = self._mtp.run(None, dict(zip(self._mtp_in, map(_np, feeds), strict=True)))
         logits, z, k, v = (torch.from_numpy(o) for o in out)
         return logits, z, (k, v)
+
+
+class OnnxStaticSteps:
+    """Static-cache steps on the `*_static.onnx` graphs: (ids, positions, cache) -> (logits,
+    hidden, updated cache), every tensor bound by address. Two cache sets per graph: a step
+    reads one and writes the other (ONNX has no in-place outputs, and binding an output onto
+    its own input would leave correctness to ONNX Runtime's kernels), then they swap."""
+
+    def __init__(self, backend: OnnxBackend, batch: int, length: int) -> None:
+        self.backend, self.batch, self.length = backend, batch, length
+        a = backend.spec.attention
+        shape = (batch, a.num_kv_heads, length, a.head_dim)
+        self._vocab, self._hidden = backend.spec.vocab_size, backend.spec.hidden_size
+
+        def caches(layers: int) -> list[list[Tensor]]:
+            return [[torch.zeros(shape) for _ in range(2 * layers)] for _ in range(2)]
+
+        self.cache = caches(backend.spec.num_layers)
+        self.mtp_cache = caches(1) if backend._mtp_static is not None else None
+        self._out: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
+
+    def _outputs(self, kind: str, s: int) -> tuple[Tensor, Tensor]:
+        """Logits and hidden buffers per step shape; the caller gets copies (next step reuses them)."""
+        if (kind, s) not in self._out:
+            self._out[(kind, s)] = (
+                torch.empty(self.batch, s, self._vocab),
+                torch.empty(self.batch, s, self._hidden),
+            )
+        return self._out[(kind, s)]
+
+    def _run(
+        self, sess: Any, kind: str, inputs: list[Tensor], cache: list[list[Tensor]]
+    ) -> tuple[Tensor, Tensor]:
+        src, dst = cache
+        logits, h = self._outputs(kind, inputs[0].shape[1])
+        io = sess.io_binding()
+        ins = [i.name for i in sess.get_inputs()]
+        outs = [o.name for o in sess.get_outputs()]
+        for name, t in zip(ins, [*inputs, *src], strict=True):
+            _bind(io.bind_input, name, t)
+        for name, t in zip(outs, [logits, h, *dst], strict=True):
+            _bind(io.bind_output, name, t)
+        sess.run_with_iobinding(io)
+        cache.reverse()  # the written set is the one the next step reads
+        return logits.clone(), h.clone()
+
+    def trunk(self, ids: Tensor, positions: Tensor, prefill: bool = False) -> tuple[Tensor, Tensor]:
+        return self._run(
+            self.backend._static, "trunk", [ids.contiguous(), positions.contiguous()], self.cache
+        )
+
+    def mtp(self, ids: Tensor, h: Tensor, positions: Tensor, prefill: bool = False) -> tuple[Tensor, Tensor]:
+        assert self.mtp_cache is not None
+        feeds = [ids.contiguous(), h.float().contiguous(), positions.contiguous()]
+        return self._run(self.backend._mtp_static, "mtp", feeds, self.mtp_cache)
+
+    def warm_up(self, draft_tokens: int) -> float:
+        return 0.0  # built ahead of time; ONNX Runtime plans its buffers on the first run
+
+
+_ELEMENT = {torch.float32: np.float32, torch.int64: np.int64}
+
+
+def _bind(bind: Any, name: str, t: Tensor) -> None:
+    bind(name, "cpu", 0, _ELEMENT[t.dtype], list(t.shape), t.data_ptr())
 
 
 def _np(t: Tensor) -> np.ndarray:
