@@ -7,7 +7,8 @@ it), greedy, batch 1 and batch 8 (equal-length prompts), plain decoding:
 - transformers `generate(cache_implementation="static")` with its forward compiled
   (`compile_config`, transformers' documented fastest path);
 - glmc torch backend eager and compiled (static cache; fixed-shape steps under torch.compile,
-  CUDA graphs on CUDA), glmc aoti, glmc onnx (CPU only).
+  CUDA graphs on CUDA), glmc aoti, glmc onnx (CPU only: the static-cache graphs under I/O
+  binding) and onnx-grown (the grown-cache graphs genai_config names, fed a masked slice).
 Part 2, a model that has learned (a small byte-level GLM with an MTP layer, trained here for a
 few minutes on templated English): every glmc backend, plain and MTP K=1..3, held-out prompts.
 
@@ -98,16 +99,28 @@ def train(steps: int, batch: int, seq: int, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def open_backend(model: torch.nn.Module, name: str, tmp: Path) -> Backend:
-    """name: torch, torch-compiled, aoti or onnx (the last two built from a checkpoint of `model`)."""
+def open_backend(model: torch.nn.Module, name: str, tmp: Path, threads: int = 0) -> Backend:
+    """name: torch, torch-compiled, aoti, onnx (its static-cache graphs under I/O binding) or
+    onnx-grown (the same folder's grown-cache graphs, the ones genai_config names); the last
+    three built from a checkpoint of `model`. `threads`: ONNX Runtime's intra-op threads (its
+    own pool, which torch.set_num_threads does not size; 0 is one per core)."""
     if name.startswith("torch"):
         return TorchBackend(model, model.spec, compiled=name == "torch-compiled")  # type: ignore[arg-type]
     from glmc.runtime import open_artifact
 
+    target = "onnx" if name.startswith("onnx") else name
     if not (tmp / "ckpt").is_dir():
         glmc.save_pretrained(model, tmp / "ckpt")
-    glmc.build(tmp / "ckpt", tmp / name, weights=tmp / "ckpt", emit=[name], dtype="f32")
-    return open_artifact(tmp / name / name).backend
+    if not (tmp / target).is_dir():
+        glmc.build(tmp / "ckpt", tmp / target, weights=tmp / "ckpt", emit=[target], dtype="f32")
+    backend = open_artifact(tmp / target / target).backend
+    if target != "onnx":
+        return backend
+    from glmc.runtime.backend_onnx import OnnxBackend
+
+    assert isinstance(backend, OnnxBackend)
+    files = {k: v for k, v in backend.files.items() if name == "onnx" or not k.endswith("_static")}
+    return OnnxBackend(tmp / target / target, backend.spec, files, threads=threads)
 
 
 def glmc_rate(
@@ -221,7 +234,7 @@ def main() -> None:
     ap.add_argument(
         "--skip",
         default="",
-        help="comma-separated sides to leave out: hf-static, torch-compiled, aoti, onnx, part2",
+        help="comma-separated sides to leave out: hf-static, torch-compiled, aoti, onnx, onnx-grown, part2",
     )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -234,7 +247,7 @@ def main() -> None:
     device = torch.device(args.device)
     skip = set(filter(None, args.skip.split(",")))
     if device.type != "cpu":
-        skip |= {"aoti", "onnx"}  # CPU artifacts
+        skip |= {"aoti", "onnx", "onnx-grown"}  # CPU artifacts
     bw = bandwidth(device)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
@@ -260,11 +273,13 @@ def part1(
     ours, hf = ours.to(device).eval(), hf.to(device).eval()
     print(f"\npart 1: {spec.name} without MTP, same weights; {args.prompt_len}-token prompts, "
           f"{args.new_tokens} new tokens, greedy")  # fmt: skip
-    sides = ["hf-default", "hf-static", "torch", "torch-compiled", "aoti", "onnx"]
+    sides = ["hf-default", "hf-static", "torch", "torch-compiled", "aoti", "onnx-grown", "onnx"]
     sides = [s for s in sides if s not in skip]
     rows: dict[tuple[str, int], tuple[float, float, list[list[int]]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        backends = {s: open_backend(ours, s, Path(tmp)) for s in sides if not s.startswith("hf")}
+        backends = {
+            s: open_backend(ours, s, Path(tmp), args.threads) for s in sides if not s.startswith("hf")
+        }
         for b in batches:
             prompts = prompts_for(spec.vocab_size, b, args.prompt_len, args.seed + b)
             for side in sides:
@@ -303,7 +318,7 @@ def part2(args: argparse.Namespace, device: torch.device, skip: set[str], bw: fl
     print(f"trained in {time.perf_counter() - t0:.0f} s")
     rng = random.Random(args.seed + 1)  # held-out sentences: a different stream than training
     drafts = [0, *(int(x) for x in args.drafts.split(","))]
-    sides = [s for s in ("torch", "torch-compiled", "aoti", "onnx") if s not in skip]
+    sides = [s for s in ("torch", "torch-compiled", "aoti", "onnx-grown", "onnx") if s not in skip]
     with tempfile.TemporaryDirectory() as tmp:
         for b in [int(x) for x in args.mtp_batches.split(",")]:
             prompts = [list(sentence(rng).encode()) + list(b"the ") for _ in range(b)]
@@ -312,7 +327,7 @@ def part2(args: argparse.Namespace, device: torch.device, skip: set[str], bw: fl
             table_header("plain, same backend")
             want: list[list[int]] | None = None
             for side in sides:
-                backend = open_backend(model, side, Path(tmp))
+                backend = open_backend(model, side, Path(tmp), args.threads)
                 base = 0.0
                 for k in drafts:
                     rate, acc, compile_s, outs = glmc_rate(backend, prompts, args.new_tokens, k, args.repeats)
