@@ -69,6 +69,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     pipeline = plan_pipeline(cfg.pipeline, dp=cfg.dp, ep=cfg.ep, tp=cfg.tp, pp=cfg.pp, world=world)
     graph = compile_graph(spec, pipeline)
     check_trainable(graph)
+    check_compilable(cfg, graph)
     check_launch(graph, world)  # the pass's rule: its mesh against the launch, naming the degrees
     check_microbatches(cfg.grad_accum, ParallelPlan.from_graph(graph).pp)
     check_training(spec, world)  # refuse a model that cannot fit, before allocating
@@ -99,6 +100,19 @@ def check_trainable(graph: Any) -> None:
                         f"train: the shard pass replicates KV heads over tp ({n.name}.{p.name}: tp > "
                         f"num_kv_heads); training gives each tp rank whole KV heads of its own: use a smaller tp"
                     )
+
+
+def check_compilable(cfg: TrainConfig, graph: Any) -> None:
+    """Compiled blocks under tensor parallel fail in the first backward since the pass's split
+    of the vocabulary and the routed experts over tp reached training: torch 2.13's DTensor
+    redistribution receives a plain-tensor gradient from the compiled block ('Tensor' object
+    has no attribute '_local_tensor'). Refused by name before any model exists, not crashed."""
+    tp = ParallelPlan.from_graph(graph).tp
+    if cfg.compile and tp > 1:
+        raise GlmcError(
+            f"train: --compile with tensor parallel (tp={tp}) is not supported yet (the compiled blocks' "
+            "backward breaks DTensor's redistribution); pass --no-compile"
+        )
 
 
 def micro_batch_size(cfg: TrainConfig, dp: int) -> int:
