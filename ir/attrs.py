@@ -25,15 +25,24 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypeAlias, TypeVar, dataclass_transform
+from typing import Any, ClassVar, Literal, Protocol, Self, TypeAlias, TypeVar, dataclass_transform
 
 from .dtypes import DType
 from .errors import AttrError
 from .ops import Op
-from .placement import MESH_AXES, ShardSpec
+from .shardspec import MESH_AXES, ShardSpec
 
-if TYPE_CHECKING:
-    from .graph import Node
+
+class _Node(Protocol):
+    """What `Record.of` reads of a node (graph.py's Node, which imports this module)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def op(self) -> Op: ...
+    @property
+    def attrs(self) -> Any: ...
+
 
 MeshAxis: TypeAlias = Literal["pp", "dp", "ep", "tp"]
 Recipe: TypeAlias = Literal["block128", "channel"]
@@ -151,7 +160,7 @@ class NodeAttrs(Record):
     stage: int | None = None
 
     @classmethod
-    def of(cls, n: Node) -> Self:
+    def of(cls, n: _Node) -> Self:
         """`n`'s attributes as this record type; an AttrError if `n`'s op has other fields."""
         if not isinstance(n.attrs, cls):
             raise AttrError(f"node {n.name} is {n.op}; it has no {cls.__name__} attributes")
