@@ -14,6 +14,7 @@ MTP renaming and copies, an omitted tied head); this module adds what a state di
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from glmc.ir import DType, Graph, Op, Param, ParamRole
@@ -40,10 +41,7 @@ class HFTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def whole(self) -> bool:
