@@ -77,7 +77,7 @@ def test_rows_stop_at_their_own_eos(reference):
 def test_batched_speculation_accepts_per_row(make_tiny):
     """Rows accept different numbers of drafts per round (an MTP layer that agrees with the
     trunk on part of the vocabulary), yet each row's output is its plain greedy output."""
-    from tests.deploy.test_generate import _markov_model
+    from test_generate import _markov_model  # tests/deploy is on sys.path (no __init__.py)
 
     m, _, _ = _markov_model(make_tiny, mtp_noise=0.02)
     backend = TorchBackend(m, m.spec)
