@@ -402,11 +402,9 @@ def _step(
 ) -> None:
     """The trainer's optimizer step (glmc/train/trainer.py), less the norm clipping and the
     metrics (both read values)."""
-    from torch.distributed.fsdp import FSDPModule
-
     from glmc.train import balance
-    from glmc.train.losses import training_loss
     from glmc.train.parallel import sync_grads
+    from glmc.train.trainer import micro_batch_backward
 
     accum = cfg.grad_accum
     ids = torch.randint(0, spec.vocab_size, (micro * accum, cfg.seq_len))
@@ -417,17 +415,8 @@ def _step(
         pipe.step(ids, labels, _autocast(cfg))
     else:
         for m in range(accum):
-            if accum > 1 and isinstance(module, FSDPModule):
-                module.set_requires_gradient_sync(m == accum - 1)
             part = slice(m * micro, (m + 1) * micro)
-            with _autocast(cfg):
-                logits, mtp_logits, stats = module(ids[part], with_stats=cfg.balance_loss > 0)
-            losses = training_loss(
-                logits, mtp_logits, stats, labels[part],
-                mtp_weight=cfg.mtp_weight, balance_weight=cfg.balance_loss, top_k=top_k,
-            )  # fmt: skip
-            (losses.total / accum).backward()
-            del logits, mtp_logits, stats, losses
+            micro_batch_backward(module, ids[part], labels[part], cfg, top_k, m, _autocast(cfg))
     sync_grads(module, d, cfg.fsdp)
     if pipe is not None:
         pipe.sync_grads()

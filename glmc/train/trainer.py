@@ -135,6 +135,34 @@ def _gradient_sync(module: torch.nn.Module, on: bool) -> None:
         module.set_requires_gradient_sync(on)
 
 
+def micro_batch_backward(
+    module: torch.nn.Module,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    top_k: int,
+    m: int,
+    autocast: contextlib.AbstractContextManager[Any],
+) -> Any:
+    """Micro-batch `m` of `cfg.grad_accum`: forward under `autocast`, CE + MTP + balance loss,
+    backward of loss / grad_accum (FSDP2 reduce-scatters in the last one's backward only).
+    Returns the losses (their graph freed by the backward). The trainer and the dry run
+    (dryrun.py) both step through this."""
+    accum = cfg.grad_accum
+    if accum > 1:
+        _gradient_sync(module, m == accum - 1)
+    with autocast:
+        logits, mtp_logits, stats = module(ids, with_stats=cfg.balance_loss > 0)
+    losses = training_loss(
+        logits, mtp_logits, stats, labels,
+        mtp_weight=cfg.mtp_weight, balance_weight=cfg.balance_loss, top_k=top_k,
+    )  # fmt: skip
+    # Equal-sized micro-batches of per-token / per-sequence means: /accum makes the
+    # accumulated gradient the full-batch one (exact for accum = 1).
+    (losses.total / accum).backward()
+    return losses
+
+
 def _prepare_data(cfg: TrainConfig, vocab_size: int, d: Dist) -> tuple[PackedData, dict[str, Any]]:
     tok = make_tokenizer(cfg.tokenizer)
     check_vocab(tok, vocab_size)
@@ -246,18 +274,10 @@ def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
                     pipe.balance,
                 )
             for m in range(accum if pipe is None else 0):
-                if accum > 1:  # FSDP2 reduce-scatters in the last micro-batch's backward only
-                    _gradient_sync(module, m == accum - 1)
                 part = slice(m * micro, (m + 1) * micro)
-                with _autocast(cfg, d.device):
-                    logits, mtp_logits, stats = module(ids[part], with_stats=cfg.balance_loss > 0)
-                losses = training_loss(
-                    logits, mtp_logits, stats, labels[part],
-                    mtp_weight=cfg.mtp_weight, balance_weight=cfg.balance_loss, top_k=top_k,
-                )  # fmt: skip
-                # Equal-sized micro-batches of per-token / per-sequence means: /accum makes the
-                # accumulated gradient the full-batch one (exact for accum = 1).
-                (losses.total / accum).backward()
+                losses = micro_batch_backward(
+                    module, ids[part], labels[part], cfg, top_k, m, _autocast(cfg, d.device)
+                )
                 has_mtp, has_bal = losses.mtp is not None, losses.balance is not None
                 sums += torch.stack([
                     losses.total.detach().float(),
@@ -265,7 +285,7 @@ def _train(cfg: TrainConfig, spec: Any, graph: Any, d: Dist) -> TrainResult:
                     (losses.mtp if losses.mtp is not None else torch.zeros(())).detach().float().to(d.device),
                     (losses.balance if losses.balance is not None else torch.zeros(())).detach().float().to(d.device),
                 ])  # fmt: skip
-                del logits, mtp_logits, stats, losses
+                del losses
             sync_grads(module, d, cfg.fsdp)
             if pipe is not None:
                 pipe.sync_grads()
