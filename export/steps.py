@@ -85,6 +85,42 @@ class MTPStep(nn.Module):
         return logits, z, k, v
 
 
+class StaticDecoderStep(nn.Module):
+    """(input_ids, position_ids, *cache) -> (logits, hidden_states, *cache_out): the static-cache
+    step (`forward_static`) with the cache [B, nkv, T, d] passed in and returned updated: the
+    graph writes the new tokens' entries into a copy (ONNX has no in-place inputs; one
+    ScatterElements per tensor there), which ONNX Runtime writes into a second preallocated
+    buffer and an AOTInductor package returns as the next step's cache."""
+
+    def __init__(self, model: GLMForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, *cache: Tensor) -> tuple[Tensor, ...]:
+        # Clones: the exported program then has no mutated inputs, only outputs.
+        out = [t.clone() for t in cache]
+        pairs = [(out[i], out[i + 1]) for i in range(0, len(out), 2)]
+        logits, h = self.model.forward_static(input_ids, position_ids, pairs)
+        return (logits, h, *out)
+
+
+class StaticMTPStep(nn.Module):
+    """(input_ids, hidden_states, position_ids, cache_key, cache_value) ->
+    (logits, hidden_states_out, cache_out_key, cache_out_value): `mtp_static` likewise."""
+
+    def __init__(self, model: GLMForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: Tensor, hidden_states: Tensor, position_ids: Tensor,
+        key: Tensor, value: Tensor,
+    ) -> tuple[Tensor, ...]:  # fmt: skip
+        k, v = key.clone(), value.clone()
+        logits, z = self.model.mtp_static(input_ids, hidden_states, position_ids, (k, v))
+        return logits, z, k, v
+
+
 def example_inputs(
     model: GLMForCausalLM, batch: int, seq: int, past: int, mtp: bool = False
 ) -> tuple[Tensor, ...]:

@@ -24,7 +24,7 @@ import torch
 
 from glmc.ir import GlmcError
 
-from ..steps import DecoderStep, MTPStep, example_inputs, kv_names
+from ..steps import DecoderStep, MTPStep, StaticDecoderStep, StaticMTPStep, example_inputs, kv_names
 from ..torch.model import GLMForCausalLM
 from ..torch.moe_static import static_moe
 
@@ -105,43 +105,6 @@ def export_mtp(model: GLMForCausalLM, path: Path, max_len: int) -> None:
     outputs = ["logits", "hidden_states_out", *kv_names("present", 1)]
     with static_moe(model):
         _export(MTPStep(model), example_inputs(model, 2, 3, 3, mtp=True), dyn, inputs, outputs, path)
-
-
-class StaticDecoderStep(torch.nn.Module):
-    """(input_ids, position_ids, *cache) -> (logits, hidden_states, *cache_out): the static-cache
-    step (`forward_static`) with the cache [B, nkv, T, d] passed in and returned updated. ONNX
-    has no in-place inputs, so the graph writes the new tokens' entries into a copy (one
-    ScatterElements per tensor) that the runtime binds to a second preallocated buffer."""
-
-    def __init__(self, model: GLMForCausalLM) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, *cache: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
-        # Clones: the exported program then has no mutated inputs, only outputs.
-        out = [t.clone() for t in cache]
-        pairs = [(out[i], out[i + 1]) for i in range(0, len(out), 2)]
-        logits, h = self.model.forward_static(input_ids, position_ids, pairs)
-        return (logits, h, *out)
-
-
-class StaticMTPStep(torch.nn.Module):
-    """(input_ids, hidden_states, position_ids, cache_key, cache_value) ->
-    (logits, hidden_states_out, cache_out_key, cache_out_value): `mtp_static` likewise."""
-
-    def __init__(self, model: GLMForCausalLM) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self, input_ids: torch.Tensor, hidden_states: torch.Tensor, position_ids: torch.Tensor,
-        key: torch.Tensor, value: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:  # fmt: skip
-        k, v = key.clone(), value.clone()
-        logits, z = self.model.mtp_static(input_ids, hidden_states, position_ids, (k, v))
-        return logits, z, k, v
 
 
 def _static_dims(max_len: int) -> tuple[object, object, object]:
