@@ -16,7 +16,7 @@ import contextlib
 import io
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import torch
 from glmc.ir import GlmcError
 
 from ..steps import DecoderStep, MTPStep, StaticDecoderStep, StaticMTPStep, example_inputs, kv_names
-from ..torch.model import GLMForCausalLM
+from ..torch.model import Attention, GLMForCausalLM, RMSNorm
 from ..torch.moe_static import static_moe
 
 OPSET = 20
@@ -34,6 +34,23 @@ DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids")
 MTP_INPUTS = ("input_ids", "hidden_states", "attention_mask", "position_ids")
 STATIC_DECODER_INPUTS = ("input_ids", "position_ids")
 STATIC_MTP_INPUTS = ("input_ids", "hidden_states", "position_ids")
+
+
+@contextlib.contextmanager
+def onnx_lowering(model: GLMForCausalLM) -> Iterator[GLMForCausalLM]:
+    """The model as the ONNX graphs spell it: the static-shape MoE, grouped attention (no copy of
+    the cache per query head) and the RMSNorm form ONNX Runtime fuses into one node. The same
+    math as the torch module; on glm-small it cut a decode step's graph from 722 nodes (after
+    ONNX Runtime's own fusions) to about 500."""
+    flagged = [m for m in model.modules() if isinstance(m, (Attention, RMSNorm))]
+    for m in flagged:
+        setattr(m, "grouped" if isinstance(m, Attention) else "divide", True)
+    try:
+        with static_moe(model):
+            yield model
+    finally:
+        for m in flagged:
+            setattr(m, "grouped" if isinstance(m, Attention) else "divide", False)
 
 
 def _dims(max_len: int) -> tuple[object, object, object, object]:
@@ -92,7 +109,7 @@ def export_decoder(model: GLMForCausalLM, path: Path, max_len: int) -> None:
     dyn = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in range(2 * n)))
     inputs = [*DECODER_INPUTS, *kv_names("past_key_values", n)]
     outputs = ["logits", "hidden_states", *kv_names("present", n)]
-    with static_moe(model):
+    with onnx_lowering(model):
         _export(DecoderStep(model), example_inputs(model, 2, 3, 3), dyn, inputs, outputs, path)
 
 
@@ -103,7 +120,7 @@ def export_mtp(model: GLMForCausalLM, path: Path, max_len: int) -> None:
     dyn = ({0: b, 1: s}, {0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, {0: b, 2: p}, {0: b, 2: p})
     inputs = [*MTP_INPUTS, *kv_names("past_key_values", 1)]
     outputs = ["logits", "hidden_states_out", *kv_names("present", 1)]
-    with static_moe(model):
+    with onnx_lowering(model):
         _export(MTPStep(model), example_inputs(model, 2, 3, 3, mtp=True), dyn, inputs, outputs, path)
 
 
@@ -138,7 +155,7 @@ def export_decoder_static(model: GLMForCausalLM, path: Path, max_len: int) -> No
     dyn = ({0: b, 1: s}, {0: b, 1: s}, tuple({0: b, 2: t} for _ in range(2 * n)))
     inputs = [*STATIC_DECODER_INPUTS, *kv_names("cache", n)]
     outputs = ["logits", "hidden_states", *kv_names("cache_out", n)]
-    with static_moe(model):
+    with onnx_lowering(model):
         _export(StaticDecoderStep(model), _static_inputs(model, 2, 3, 7, False), dyn, inputs, outputs, path)
 
 
@@ -149,5 +166,5 @@ def export_mtp_static(model: GLMForCausalLM, path: Path, max_len: int) -> None:
     dyn = ({0: b, 1: s}, {0: b, 1: s}, {0: b, 1: s}, {0: b, 2: t}, {0: b, 2: t})
     inputs = [*STATIC_MTP_INPUTS, *kv_names("cache", 1)]
     outputs = ["logits", "hidden_states_out", *kv_names("cache_out", 1)]
-    with static_moe(model):
+    with onnx_lowering(model):
         _export(StaticMTPStep(model), _static_inputs(model, 2, 3, 7, True), dyn, inputs, outputs, path)

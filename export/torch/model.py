@@ -9,6 +9,7 @@ Module paths equal the IR node names (and transformers' in-memory names), so
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import cast
 
@@ -44,10 +45,15 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        # x / sqrt(...) instead of x * rsqrt(...): the pattern ONNX Runtime fuses into one
+        # SimplifiedLayerNormalization node (rsqrt exports as Sqrt + Reciprocal, which it does
+        # not match). Set by the ONNX exporter only; the two differ in the last bit at most.
+        self.divide = False
 
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        ms = xf.pow(2).mean(-1, keepdim=True) + self.eps
+        xf = xf / torch.sqrt(ms) if self.divide else xf * torch.rsqrt(ms)
         return self.weight * xf.to(x.dtype)
 
 
@@ -77,6 +83,27 @@ def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
 
 
+@functools.cache
+def _rotate_half_matrix(d: int, r: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """R [d, d] with x @ R = cat(-x2, x1, 0): apply_partial_rope's rotated half as a matmul."""
+    rot = torch.zeros(d, d, dtype=dtype, device=device)
+    i = torch.arange(r // 2, device=device)
+    rot[i + r // 2, i] = -1
+    rot[i, i + r // 2] = 1
+    return rot
+
+
+def rope_by_matmul(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """apply_partial_rope as x * cos' + (x @ R) * sin', cos'/sin' padded to the head with 1/0: the
+    same products and sums element for element (R has one +-1 per column, so x @ R is exact),
+    spelled with 4 graph nodes where slicing, negating and concatenating take 8. For the graph
+    exporters (ONNX Runtime dedupes the pads, which every layer shares)."""
+    d, r = x.shape[-1], cos.shape[-1]
+    cos = F.pad(cos, (0, d - r), value=1.0)[:, None].to(x.dtype)
+    sin = F.pad(sin, (0, d - r))[:, None].to(x.dtype)
+    return x * cos + (x @ _rotate_half_matrix(d, r, x.dtype, x.device)) * sin
+
+
 class Attention(nn.Module):
     def __init__(self, n: Node) -> None:
         super().__init__()
@@ -102,6 +129,9 @@ class Attention(nn.Module):
         if self.qk_norm:
             self.q_norm = RMSNorm(self.d, a.eps)
             self.k_norm = RMSNorm(self.d, a.eps)
+        # Graph form (set by the ONNX exporter): cached attention as two matmuls per kv head
+        # (see `_attend`) and RoPE as a matmul (`rope_by_matmul`).
+        self.grouped = False
 
     def _qkv(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, nh, S, d], k and v [B, nkv, S, d], RoPE applied."""
@@ -117,6 +147,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = rope
+        if self.grouped:
+            return rope_by_matmul(q, cos, sin), rope_by_matmul(k, cos, sin), v
         return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin), v
 
     def _out(self, o: Tensor) -> Tensor:
@@ -134,8 +166,22 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, rope)
         k = torch.cat((past[0], k), dim=2)
         v = torch.cat((past[1], v), dim=2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        return self._out(o), (k, v)
+        return self._out(self._attend(q, k, v, mask)), (k, v)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """softmax(q k^T * scale, masked) v for q [B, nh, S, d], k/v [B, nkv, T, d] and a boolean
+        `mask` [B, 1, S, T]. `grouped`: each kv head's nh/nkv query heads as one [G*S, d] block
+        against its k, v, spelled as plain matmuls, where the exported form of SDPA with
+        enable_gqa copies k and v once per query head and builds that copy from a dozen shape
+        ops per layer. Masked scores take the dtype's lowest value, not -inf, so a row with no
+        visible slot (only a padding query can have one) averages instead of yielding NaN."""
+        if not self.grouped:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        B, nh, S, d = q.shape
+        T, g = k.shape[2], nh // self.nkv
+        scores = (q.reshape(B, self.nkv, g * S, d) @ k.transpose(-1, -2)) * self.scale
+        scores = scores.view(B, self.nkv, g, S, T).masked_fill(~mask[:, :, None], torch.finfo(q.dtype).min)
+        return (scores.softmax(-1).view(B, self.nkv, g * S, T) @ v).view(B, nh, S, d)
 
     def forward_static(self, x: Tensor, rope: Rope, cache: KV, slots: Tensor, mask: Tensor) -> Tensor:
         """Static cache: write the new tokens' k, v into the preallocated `cache` (k, v
@@ -146,10 +192,7 @@ class Attention(nn.Module):
         idx = slots[:, None, :, None].expand_as(k)  # per-row positions: rows may differ
         cache[0].scatter_(2, idx, k)
         cache[1].scatter_(2, idx, v)
-        o = F.scaled_dot_product_attention(
-            q, cache[0], cache[1], attn_mask=mask, scale=self.scale, enable_gqa=True
-        )
-        return self._out(o)
+        return self._out(self._attend(q, cache[0], cache[1], mask))
 
 
 class MLP(nn.Module):
