@@ -123,54 +123,94 @@ def open_backend(model: torch.nn.Module, name: str, tmp: Path, threads: int = 0)
     return OnnxBackend(tmp / target / target, backend.spec, files, threads=threads)
 
 
-def glmc_rate(
-    backend: Backend, prompts: list[list[int]], new: int, k: int, repeats: int
-) -> tuple[float, float, float, list[list[int]]]:
-    """(median decode tokens/s, mean acceptance length, compile s, outputs); the first call
-    compiles and warms up (compiled torch backend) and is not timed."""
-    outs, st = generate_batch(backend, prompts, new, draft_tokens=k)
-    rates = [
-        generate_batch(backend, prompts, new, draft_tokens=k)[1].decode_tokens_per_s for _ in range(repeats)
-    ]
-    return statistics.median(rates), st.mean_acceptance_length, st.compile_s, outs
+class Side:
+    """One row of a table: `warm()` runs once untimed (compiling what compiles) and returns
+    (compile seconds, mean acceptance length, outputs); `once()` is one timed pass, in decode
+    tokens/s. Rows are timed in interleaved rounds (each row once per round), so a load swing
+    on a shared machine moves every row of a round, not whichever ran during it."""
+
+    def warm(self) -> tuple[float, float, list[list[int]]]:
+        raise NotImplementedError
+
+    def once(self) -> float:
+        raise NotImplementedError
 
 
-def hf_rate(
-    hf: Any, prompts: list[list[int]], new: int, repeats: int, static: bool
-) -> tuple[float, float, list[list[int]]]:
-    """transformers generate(): (median decode tokens/s, first-call seconds, outputs)."""
-    from transformers import CompileConfig, GenerationConfig
+class GlmcSide(Side):
+    def __init__(self, backend: Backend, prompts: list[list[int]], new: int, k: int) -> None:
+        self.backend, self.prompts, self.new, self.k = backend, prompts, new, k
 
-    ids = torch.tensor(prompts, device=hf.device)
-    kw: dict[str, Any] = {}
-    if static:
-        cc = CompileConfig(fullgraph=False, mode="default" if hf.device.type == "cpu" else "reduce-overhead")
-        cc._compile_all_devices = True  # transformers compiles on CUDA only unless asked
-        kw = {"cache_implementation": "static", "compile_config": cc}
-    cfg = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
+    def warm(self) -> tuple[float, float, list[list[int]]]:
+        outs, st = generate_batch(self.backend, self.prompts, self.new, draft_tokens=self.k)
+        return st.compile_s, st.mean_acceptance_length, outs
 
-    def run(n: int) -> tuple[float, torch.Tensor]:
+    def once(self) -> float:
+        return generate_batch(self.backend, self.prompts, self.new, draft_tokens=self.k)[
+            1
+        ].decode_tokens_per_s
+
+
+class HfSide(Side):
+    """transformers generate(): decode tokens/s = (N-1) * B / (time of N new tokens - time of 1)."""
+
+    def __init__(self, hf: Any, prompts: list[list[int]], new: int, static: bool) -> None:
+        from transformers import CompileConfig, GenerationConfig
+
+        self.hf, self.new = hf, new
+        self.ids = torch.tensor(prompts, device=hf.device)
+        self.kw: dict[str, Any] = {}
+        if static:
+            cc = CompileConfig(
+                fullgraph=False, mode="default" if hf.device.type == "cpu" else "reduce-overhead"
+            )
+            cc._compile_all_devices = True  # transformers compiles on CUDA only unless asked
+            self.kw = {"cache_implementation": "static", "compile_config": cc}
+        self.static = static
+        self.cfg = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    def _run(self, n: int) -> tuple[float, torch.Tensor]:
         t0 = time.perf_counter()
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out = hf.generate(
-                ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
-                max_new_tokens=n, min_new_tokens=n, **kw,
+            out = self.hf.generate(
+                self.ids, attention_mask=torch.ones_like(self.ids), generation_config=self.cfg,
+                max_new_tokens=n, min_new_tokens=n, **self.kw,
             )  # fmt: skip
-        if hf.device.type == "cuda":
+        if self.hf.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0, out
 
-    t0 = time.perf_counter()
-    _, out = run(new)  # compiles (static path) and warms up
-    run(1)
-    first = time.perf_counter() - t0
-    rates = []
+    def warm(self) -> tuple[float, float, list[list[int]]]:
+        t0 = time.perf_counter()
+        _, out = self._run(self.new)  # compiles (static path) and warms up
+        self._run(1)
+        first = time.perf_counter() - t0
+        return (first if self.static else 0.0), 1.0, out[:, self.ids.shape[1] :].tolist()
+
+    def once(self) -> float:
+        t_n, _ = self._run(self.new)
+        t_1, _ = self._run(1)
+        return (self.new - 1) * self.ids.shape[0] / max(t_n - t_1, 1e-9)
+
+
+def measure(sides: dict[str, Side], repeats: int) -> dict[str, tuple[float, float, float, list[list[int]]]]:
+    """{name: (median decode tokens/s, compile s, acceptance, outputs)}, rows interleaved."""
+    warm = {}
+    for name, side in sides.items():
+        t0 = time.perf_counter()
+        warm[name] = side.warm()
+        print(f"  {name}: warmed up in {time.perf_counter() - t0:.0f} s", flush=True)
+    rates: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(repeats):
-        t_n, out = run(new)
-        t_1, _ = run(1)
-        rates.append((new - 1) * len(prompts) / max(t_n - t_1, 1e-9))
-    return statistics.median(rates), first, out[:, ids.shape[1] :].tolist()
+        for name, side in sides.items():
+            rates[name].append(side.once())
+    out = {}
+    for name in sides:
+        compile_s, acc, outs = warm[name]
+        out[name] = (statistics.median(rates[name]), compile_s, acc, outs)
+        print(f"  {name}: {out[name][0]:.1f} tokens/s (passes: "
+              f"{', '.join(f'{r:.0f}' for r in rates[name])})", flush=True)  # fmt: skip
+    return out
 
 
 def bandwidth(device: torch.device) -> float:
@@ -282,21 +322,15 @@ def part1(
         }
         for b in batches:
             prompts = prompts_for(spec.vocab_size, b, args.prompt_len, args.seed + b)
-            for side in sides:
-                t0 = time.perf_counter()
-                if side.startswith("hf"):
-                    rate, first, outs = hf_rate(
-                        hf, prompts, args.new_tokens, args.repeats, side == "hf-static"
-                    )
-                    compile_s = first if side == "hf-static" else 0.0
-                else:
-                    rate, _, compile_s, outs = glmc_rate(
-                        backends[side], prompts, args.new_tokens, 0, args.repeats
-                    )
+            print(f"batch {b}:", flush=True)
+            runs: dict[str, Side] = {
+                side: HfSide(hf, prompts, args.new_tokens, side == "hf-static")
+                if side.startswith("hf")
+                else GlmcSide(backends[side], prompts, args.new_tokens, 0)
+                for side in sides
+            }
+            for side, (rate, compile_s, _, outs) in measure(runs, args.repeats).items():
                 rows[(side, b)] = (rate, compile_s, outs)
-                print(
-                    f"  {side} batch {b}: {rate:.1f} tokens/s ({time.perf_counter() - t0:.0f} s)", flush=True
-                )
     for b in batches:
         fastest = max(rows[(s, b)][0] for s in sides if s.startswith("hf"))
         floor = b * bw / step_bytes(ours, b)
@@ -323,19 +357,25 @@ def part2(args: argparse.Namespace, device: torch.device, skip: set[str], bw: fl
         for b in [int(x) for x in args.mtp_batches.split(",")]:
             prompts = [list(sentence(rng).encode()) + list(b"the ") for _ in range(b)]
             floor = b * bw / step_bytes(model, b)
-            print(f"\nbatch {b}: bandwidth floor {floor:.0f} tokens/s (plain decoding)")
-            table_header("plain, same backend")
+            print(f"\nbatch {b}:", flush=True)
             want: list[list[int]] | None = None
+            lines = []
             for side in sides:
                 backend = open_backend(model, side, Path(tmp), args.threads)
-                base = 0.0
+                runs: dict[str, Side] = {
+                    f"{side} K={k}": GlmcSide(backend, prompts, args.new_tokens, k) for k in drafts
+                }
+                done = measure(runs, args.repeats)
+                base = done[f"{side} K=0"][0]
                 for k in drafts:
-                    rate, acc, compile_s, outs = glmc_rate(backend, prompts, args.new_tokens, k, args.repeats)
+                    rate, compile_s, acc, outs = done[f"{side} K={k}"]
                     want = outs if want is None else want
-                    base = base or rate
                     label = "plain" if k == 0 else f"MTP K={k} (acc. {acc:.2f})"
-                    print(f"| glmc {side} | {b} | {label} | {rate:.1f} | {rate / base:.2f}x | {rate / floor:.2f} | "
-                          f"{compile_s:.0f} | {'yes' if outs == want else 'NO'} |", flush=True)  # fmt: skip
+                    lines.append(f"| glmc {side} | {b} | {label} | {rate:.1f} | {rate / base:.2f}x | "
+                                 f"{rate / floor:.2f} | {compile_s:.0f} | {'yes' if outs == want else 'NO'} |")  # fmt: skip
+            print(f"\nbatch {b}: bandwidth floor {floor:.0f} tokens/s (plain decoding)")
+            table_header("plain, same backend")
+            print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":
