@@ -1,32 +1,68 @@
-"""AOTInductor packages as a decoding backend: prefill.pt2 for the first (empty-cache) step,
-decode.pt2 for every later trunk step (decode and speculative verify), mtp.pt2 for drafting."""
+"""AOTInductor packages as a decoding backend.
+
+Static-cache packages (`decoder_static.pt2`, `mtp_static.pt2`, see glmc.export.aoti): one trunk
+package for prefill, decode and speculative verify, one for the MTP draft and catch-up steps,
+any batch. `AotiStaticSteps` hands each call the cache and keeps the returned `cache_out`
+tensors as the next step's cache: nothing is sliced, masked, copied back or scattered on the
+host.
+
+Folders written by earlier glmc versions (`prefill.pt2`, `decode.pt2`, `mtp.pt2`: batch 1,
+cache in and grown cache out) run through `glmc.runtime.steps.FunctionalSteps`, a row at a time.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from glmc.errors import CheckpointError
+from glmc.export import RUNTIME_FILE
 from glmc.runtime.backend import KV, GraphBackend
+from glmc.runtime.steps import Steps
 from glmc.spec import ModelSpec
 
 
 class AotiBackend(GraphBackend):
     name = "aoti"
-    max_batch: int | None = 1  # the packages are compiled for batch 1 (glmc.export.aoti)
 
     def __init__(self, folder: Path, spec: ModelSpec, files: dict[str, str]) -> None:
         from torch._inductor import aoti_load_package
 
+        def load(key: str) -> Any:
+            return aoti_load_package(str(folder / files[key]))
+
         self.spec = spec
-        self._prefill: Any = aoti_load_package(str(folder / files["prefill"]))
-        self._decode: Any = aoti_load_package(str(folder / files["decode"]))
-        self._mtp: Any = aoti_load_package(str(folder / files["mtp"])) if "mtp" in files else None
+        self.static = "decoder_static" in files
+        if not self.static and not {"prefill", "decode"} <= set(files):
+            raise CheckpointError(
+                f"{folder / RUNTIME_FILE}: the aoti files name no trunk package "
+                "(decoder_static, or prefill and decode)"
+            )
+        self._trunk: Any = load("decoder_static") if self.static else None
+        self._prefill: Any = None if self.static else load("prefill")
+        self._decode: Any = None if self.static else load("decode")
+        mtp_key = "mtp_static" if self.static else "mtp"
+        self._mtp: Any = load(mtp_key) if mtp_key in files else None
+        # The earlier packages were compiled for batch 1; the static ones take any batch.
+        self.max_batch: int | None = None if self.static else 1
+        self._steps: dict[tuple[int, int], Steps] = {}
+
+    def steps(self, batch: int, length: int) -> Steps:
+        if not self.static:
+            return super().steps(batch, length)
+        # Kept per (batch, length) like the other backends' caches: repeated calls reuse them.
+        key = (batch, length)
+        if key not in self._steps:
+            self._steps[key] = AotiStaticSteps(self, batch, length)
+        return self._steps[key]
 
     def forward(
         self, ids: Tensor, positions: Tensor, past: list[KV], mask: Tensor
     ) -> tuple[Tensor, Tensor, list[KV]]:
+        """The earlier packages' trunk step: prefill.pt2 on an empty cache, decode.pt2 after."""
         if past[0][0].shape[2] == 0:
             out = self._prefill(ids, mask, positions)
         else:
@@ -36,7 +72,37 @@ class AotiBackend(GraphBackend):
     def mtp(
         self, ids: Tensor, h: Tensor, positions: Tensor, past: KV, mask: Tensor
     ) -> tuple[Tensor, Tensor, KV]:
+        """The earlier packages' MTP step (mtp.pt2)."""
         logits, z, k, v = self._mtp(
             ids, h.contiguous(), mask, positions, past[0].contiguous(), past[1].contiguous()
         )
         return logits, z, (k, v)
+
+
+class AotiStaticSteps:
+    """Static-cache steps on the static packages. The cache is allocated (zeroed) once; each
+    step returns an updated copy (an exported program has no in-place inputs), which replaces
+    it, so the previous cache is freed as the next one comes back."""
+
+    def __init__(self, backend: AotiBackend, batch: int, length: int) -> None:
+        self.backend, self.batch, self.length = backend, batch, length
+        a = backend.spec.attention
+        shape = (batch, a.num_kv_heads, length, a.head_dim)
+        self.cache: list[Tensor] = [torch.zeros(shape) for _ in range(2 * backend.spec.num_layers)]
+        self.mtp_cache: list[Tensor] | None = (
+            [torch.zeros(shape), torch.zeros(shape)] if backend._mtp is not None else None
+        )
+
+    def trunk(self, ids: Tensor, positions: Tensor, prefill: bool = False) -> tuple[Tensor, Tensor]:
+        logits, h, *self.cache = self.backend._trunk(ids.contiguous(), positions.contiguous(), *self.cache)
+        return logits, h
+
+    def mtp(self, ids: Tensor, h: Tensor, positions: Tensor, prefill: bool = False) -> tuple[Tensor, Tensor]:
+        assert self.mtp_cache is not None
+        logits, z, *self.mtp_cache = self.backend._mtp(
+            ids.contiguous(), h.float().contiguous(), positions.contiguous(), *self.mtp_cache
+        )
+        return logits, z
+
+    def warm_up(self, draft_tokens: int) -> float:
+        return 0.0  # nothing compiles at run time: the packages were built ahead of time
