@@ -1,8 +1,10 @@
 """What the decoding loop needs from an artifact: `steps(batch, length)`, static-cache steps
 (glmc.runtime.steps) for a batch of rows and a cache of `length` positions.
 
-The exported graphs (AOTInductor, ONNX Runtime) take a functional KV cache (caches in, grown
-caches out), as torch tensors on CPU; `FunctionalSteps` keeps the static cache for them.
+The grown-cache graphs (ONNX Runtime's `model.onnx`, AOTInductor folders of earlier glmc
+versions) take a functional KV cache (caches in, grown caches out), as torch tensors on CPU;
+`FunctionalSteps` keeps the static cache for them. The static-cache graphs
+(`model_static.onnx`, `decoder_static.pt2`) run on their backends' own steps objects.
 Shapes: ids/positions [B, S] int64; mask [B, P+S] int64 (1 = a slot the row may see);
 logits [B, S, V]; hidden [B, S, H]; each cache entry k, v [B, nkv, P, d].
 """

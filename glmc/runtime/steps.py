@@ -11,11 +11,12 @@ them again: steps run in position order and each writes its own slots before att
 - `TorchSteps`: the torch module's `forward_static` / `mtp_static`; the fixed-shape decode,
   verify and MTP steps optionally `torch.compile(fullgraph=True)`d ("reduce-overhead", i.e.
   CUDA graphs, on CUDA). Prefill (one variable-length call) stays eager.
-- `FunctionalSteps`: exported graphs that take a cache and return it grown (AOTInductor, and
+- `FunctionalSteps`: exported graphs that take a cache and return it grown (AOTInductor and
   ONNX folders built before their static-cache graphs existed). The static cache lives here;
   each step hands the graph the slots before the batch's furthest start, masked per row, and
   copies the new entries back by position. ONNX folders with `model_static.onnx` run on
-  `glmc.runtime.backend_onnx.OnnxStaticSteps` instead (the static cache bound in place).
+  `glmc.runtime.backend_onnx.OnnxStaticSteps` instead (the static cache bound in place), and
+  AOTInductor folders with `decoder_static.pt2` on `glmc.runtime.backend_aoti.AotiStaticSteps`.
 """
 
 from __future__ import annotations

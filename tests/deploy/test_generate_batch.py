@@ -121,8 +121,8 @@ def test_compiled_steps_give_the_eager_ids(reference):
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["onnx", "aoti"])
 def test_exported_graphs_decode_a_batch(built, reference, target):
-    """ONNX Runtime takes the batch in one call per step, AOTInductor (batch-1 packages) row by
-    row: both give the torch model's greedy ids for every row, plain and speculative."""
+    """ONNX Runtime and AOTInductor take the batch in one call per step: both give the torch
+    model's greedy ids for every row, plain and speculative."""
     art = open_artifact(built / target)
     torch_backend = TorchBackend(reference, reference.spec)
     for k in (0, 2):
