@@ -1,5 +1,5 @@
-"""One tiny model, built once per session for every deployment target (the ONNX export and the
-three AOTInductor compiles take about two minutes on 2 cores)."""
+"""One tiny model, built once per session for every deployment target (about three minutes on
+2 cores, mostly the ONNX exports and the two AOTInductor compiles)."""
 
 import os
 from pathlib import Path

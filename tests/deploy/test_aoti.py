@@ -191,11 +191,13 @@ def test_grown_cache_packages_of_earlier_versions_still_decode(tmp_path, make_ti
         assert stats.batch == 2
 
 
-def test_a_manifest_without_a_trunk_package_is_refused(built, tmp_path):
+def test_a_manifest_without_a_trunk_package_is_refused(tmp_path):
+    from glmc import presets
+
     folder = tmp_path / "aoti"
     folder.mkdir()
-    manifest = json.loads((built / "aoti" / RUNTIME_FILE).read_text())
-    manifest["files"] = {"mtp_static": "mtp_static.pt2"}
+    spec = presets.get("glm-tiny").model_dump(mode="json")
+    manifest = {"target": "aoti", "files": {"mtp_static": "mtp_static.pt2"}, "spec": spec}
     (folder / RUNTIME_FILE).write_text(json.dumps(manifest))
     (folder / "mtp_static.pt2").write_bytes(b"")  # refused before any package loads
     with pytest.raises(CheckpointError, match="no trunk package"):
