@@ -9,7 +9,6 @@ Module paths equal the IR node names (and transformers' in-memory names), so
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import cast
 
@@ -83,25 +82,25 @@ def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
 
 
-@functools.cache
-def _rotate_half_matrix(d: int, r: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """R [d, d] with x @ R = cat(-x2, x1, 0): apply_partial_rope's rotated half as a matmul."""
-    rot = torch.zeros(d, d, dtype=dtype, device=device)
-    i = torch.arange(r // 2, device=device)
+def rotate_half_matrix(d: int, r: int) -> Tensor:
+    """R [d, d] fp32 with x @ R = cat(-x2, x1, 0): apply_partial_rope's rotated half as a matmul."""
+    rot = torch.zeros(d, d)
+    i = torch.arange(r // 2)
     rot[i + r // 2, i] = -1
     rot[i, i + r // 2] = 1
     return rot
 
 
-def rope_by_matmul(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """apply_partial_rope as x * cos' + (x @ R) * sin', cos'/sin' padded to the head with 1/0: the
-    same products and sums element for element (R has one +-1 per column, so x @ R is exact),
-    spelled with 4 graph nodes where slicing, negating and concatenating take 8. For the graph
-    exporters (ONNX Runtime dedupes the pads, which every layer shares)."""
+def rope_by_matmul(x: Tensor, cos: Tensor, sin: Tensor, rot: Tensor) -> Tensor:
+    """apply_partial_rope as x * cos' + (x @ R) * sin', cos'/sin' padded to the head with 1/0 and
+    R = `rotate_half_matrix`: the same products and sums element for element (R has one +-1 per
+    column, so x @ R is exact), spelled with 4 graph nodes where slicing, negating and
+    concatenating take 8. For the graph exporters (ONNX Runtime dedupes the pads, which every
+    layer shares)."""
     d, r = x.shape[-1], cos.shape[-1]
     cos = F.pad(cos, (0, d - r), value=1.0)[:, None].to(x.dtype)
     sin = F.pad(sin, (0, d - r))[:, None].to(x.dtype)
-    return x * cos + (x @ _rotate_half_matrix(d, r, x.dtype, x.device)) * sin
+    return x * cos + (x @ rot.to(x.dtype)) * sin
 
 
 class Attention(nn.Module):
@@ -129,9 +128,16 @@ class Attention(nn.Module):
         if self.qk_norm:
             self.q_norm = RMSNorm(self.d, a.eps)
             self.k_norm = RMSNorm(self.d, a.eps)
-        # Graph form (set by the ONNX exporter): cached attention as two matmuls per kv head
-        # (see `_attend`) and RoPE as a matmul (`rope_by_matmul`).
         self.grouped = False
+        self.rotate_half: Tensor | None = None
+
+    def graph_form(self, on: bool) -> None:
+        """The form the ONNX exporter traces: cached attention as two matmuls per kv head (see
+        `_attend`) and RoPE as a matmul (`rope_by_matmul`; its matrix a plain attribute, which
+        the exporter takes as a constant, so checkpoints and buffers are untouched)."""
+        self.grouped = on
+        device = next(self.parameters()).device
+        self.rotate_half = rotate_half_matrix(self.d, self.rotary_dim).to(device) if on else None
 
     def _qkv(self, x: Tensor, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, nh, S, d], k and v [B, nkv, S, d], RoPE applied."""
@@ -147,8 +153,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = rope
-        if self.grouped:
-            return rope_by_matmul(q, cos, sin), rope_by_matmul(k, cos, sin), v
+        if self.rotate_half is not None:
+            rot = self.rotate_half
+            return rope_by_matmul(q, cos, sin, rot), rope_by_matmul(k, cos, sin, rot), v
         return apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin), v
 
     def _out(self, o: Tensor) -> Tensor:
