@@ -25,6 +25,7 @@ norm(max(p - q, 0))), which leaves the output distribution unchanged.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -186,10 +187,11 @@ class _Loop:
             ids = _ids([[q[-1]] for q in self.seq])
             pos = torch.tensor([[len(q) - 1] for q in self.seq])
             logits, _ = self.steps.trunk(ids, pos)
+            best = logits[:, 0].argmax(-1).tolist() if self.s.greedy else []  # one op for every row
             for r in active:
                 n = len(self.seq[r])
                 _require_finite(self.backend, logits[r], n - 1)
-                self.seq[r].append(pick(logits[r, 0], self.s, self.gen))
+                self.seq[r].append(best[r] if self.s.greedy else pick(logits[r, 0], self.s, self.gen))
                 self.stats.accepted_per_round.append(1)
             self.stats.rounds += 1
 
@@ -213,13 +215,14 @@ class _Loop:
                     pos = torch.tensor([[len(q) - 2 + j] for q in self.seq])
                     lg1, z_last = self.steps.mtp(ids, z_last, pos)
                     d_logits = lg1[:, 0]
+                best = d_logits.argmax(-1).tolist() if s.greedy else []  # one op for every row
                 for r in range(self.b):
                     if r in active:
                         _require_finite(
                             self.backend, d_logits[r][None], len(self.seq[r]) - 1 + j, "MTP draft"
                         )
                     if s.greedy:
-                        drafts[r].append(int(d_logits[r].argmax()))
+                        drafts[r].append(best[r])
                     elif r in active:
                         q = distribution(d_logits[r], s)
                         qs[r].append(q)
@@ -265,18 +268,20 @@ def _accept(
 ) -> list[int]:
     """Committed tokens: the accepted drafts, then one token from the trunk."""
     out: list[int] = []
+    if s.greedy:
+        best = target_logits.argmax(-1).tolist()  # one op for every position
+        for i, d in enumerate(drafts):
+            if best[i] != d:
+                return [*out, best[i]]
+            out.append(d)
+        return [*out, best[len(drafts)]]
     for i, d in enumerate(drafts):
-        if s.greedy:
-            best = int(target_logits[i].argmax())
-            if best != d:
-                return [*out, best]
-        else:
-            p, q = distribution(target_logits[i], s), qs[i]
-            if torch.rand((), generator=gen) * q[d] >= p[d]:  # reject with prob 1 - min(1, p/q)
-                residual = (p - q).clamp_min(0)
-                total = residual.sum()
-                nxt = torch.multinomial(residual / total if total > 0 else p, 1, generator=gen)
-                return [*out, int(nxt)]
+        p, q = distribution(target_logits[i], s), qs[i]
+        if torch.rand((), generator=gen) * q[d] >= p[d]:  # reject with prob 1 - min(1, p/q)
+            residual = (p - q).clamp_min(0)
+            total = residual.sum()
+            nxt = torch.multinomial(residual / total if total > 0 else p, 1, generator=gen)
+            return [*out, int(nxt)]
         out.append(d)
     return [*out, pick(target_logits[len(drafts)], s, gen)]
 
@@ -284,9 +289,11 @@ def _accept(
 def _require_finite(backend: Backend, logits: Tensor, position: int, what: str = "trunk") -> None:
     """Refuse to pick tokens from NaN/Inf logits: argmax of NaNs is token 0 and sampling
     fails inside torch.multinomial, so either way the output would be meaningless."""
+    if math.isfinite(float(logits.sum())):
+        return  # the common case in one op: a NaN or Inf anywhere makes the sum non-finite
     ok = torch.isfinite(logits).all(dim=-1)
     if bool(ok.all()):
-        return
+        return  # finite logits whose sum overflowed
     at = position + int((~ok).nonzero()[0, 0])
     raise GlmcError(
         f"the {backend.name} artifact's {what} logits at position {at} hold NaN or Inf (non-finite weights, "
