@@ -9,6 +9,9 @@ it), greedy, batch 1 and batch 8 (equal-length prompts), plain decoding:
 - glmc torch backend eager and compiled (static cache; fixed-shape steps under torch.compile,
   CUDA graphs on CUDA), glmc aoti, glmc onnx (CPU only: the static-cache graphs under I/O
   binding) and onnx-grown (the grown-cache graphs genai_config names, fed a masked slice).
+bf16 rows (`--bf16 auto`, the default: where bf16 is the fast dtype, see glmc.runtime.cpu; `on`
+forces them): part 1 again with the torch-side rows and transformers in bf16; where bf16 is not
+the fast dtype the run says why and stays fp32.
 Part 2, a model that has learned (a small byte-level GLM with an MTP layer, trained here for a
 few minutes on templated English): every glmc backend, plain and MTP K=1..3, held-out prompts.
 
@@ -42,6 +45,7 @@ import glmc
 from glmc.api import build_torch
 from glmc.runtime import generate_batch
 from glmc.runtime.backend import Backend, TorchBackend
+from glmc.runtime.cpu import fast_bf16
 
 SPEC = {
     "name": "bench-mtp",
@@ -229,7 +233,7 @@ def bandwidth(device: torch.device) -> float:
 
 
 def step_bytes(model: torch.nn.Module, batch: int) -> float:
-    """fp32 bytes one decode step reads: every trunk weight but the embedding table (one row
+    """Bytes one decode step reads (in the weights' dtype): every trunk weight but the embedding table (one row
     per token), routed experts scaled by the expected share of experts the batch's tokens hit
     (1 - (1 - k/E)^B), the output head; the MTP layer is not read in plain decoding."""
     spec: Any = model.spec  # type: ignore[union-attr]
@@ -277,6 +281,12 @@ def main() -> None:
         help="comma-separated sides to leave out: hf-static, torch-compiled, aoti, onnx, onnx-grown, part2",
     )
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--bf16",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="part 1 bf16 rows (torch backend and transformers in bf16): auto where bf16 is the fast dtype",
+    )
     ap.add_argument("--seed", type=int, default=0)
     # One thread for both sides: batch-1 decode gains little from a second one, and on a shared
     # 2-core VM the OpenMP barrier of two threads is what other jobs disturb most.
@@ -315,14 +325,35 @@ def part1(
           f"{args.new_tokens} new tokens, greedy")  # fmt: skip
     sides = ["hf-default", "hf-static", "torch", "torch-compiled", "aoti", "onnx-grown", "onnx"]
     sides = [s for s in sides if s not in skip]
+    table(args, ours, hf, sides, batches, bw, "fp32")
+    use_bf16, why = fast_bf16(device)
+    if args.bf16 == "off" or (args.bf16 == "auto" and not use_bf16):
+        print(f"\nbf16 rows left out: {why}" if args.bf16 == "auto" else "\nbf16 rows left out (--bf16 off)")
+        return
+    # bf16 weights on both sides (the torch backend; transformers); the exported artifacts are fp32.
+    bf16_sides = [s for s in sides if s in ("hf-default", "hf-static", "torch", "torch-compiled")]
+    print(f"\nbf16 ({why if use_bf16 else '--bf16 on'}): {', '.join(bf16_sides)}")
+    table(args, ours.to(torch.bfloat16), hf.to(torch.bfloat16), bf16_sides, batches, bw, "bf16")
+
+
+def table(
+    args: argparse.Namespace,
+    ours: torch.nn.Module,
+    hf: Any,
+    sides: list[str],
+    batches: list[int],
+    bw: float,
+    dtype: str,
+) -> None:
+    """Part 1's rows for one dtype (the floor counts the weights' own bytes)."""
     rows: dict[tuple[str, int], tuple[float, float, list[list[int]]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         backends = {
             s: open_backend(ours, s, Path(tmp), args.threads) for s in sides if not s.startswith("hf")
         }
         for b in batches:
-            prompts = prompts_for(spec.vocab_size, b, args.prompt_len, args.seed + b)
-            print(f"batch {b}:", flush=True)
+            prompts = prompts_for(ours.spec.vocab_size, b, args.prompt_len, args.seed + b)  # type: ignore[union-attr]
+            print(f"batch {b} ({dtype}):", flush=True)
             runs: dict[str, Side] = {
                 side: HfSide(hf, prompts, args.new_tokens, side == "hf-static")
                 if side.startswith("hf")
@@ -336,12 +367,12 @@ def part1(
         floor = b * bw / step_bytes(ours, b)
         want = rows[(sides[0], b)][2]
         print(
-            f"\nbatch {b}: bandwidth floor {floor:.0f} tokens/s ({step_bytes(ours, b) / 1e6:.1f} MB a step)"
+            f"\nbatch {b}, {dtype}: bandwidth floor {floor:.0f} tokens/s ({step_bytes(ours, b) / 1e6:.1f} MB a step)"
         )
         table_header("transformers' fastest")
         for side in sides:
             rate, compile_s, outs = rows[(side, b)]
-            print(f"| {side} | {b} | plain | {rate:.1f} | {rate / fastest:.2f}x | {rate / floor:.2f} | "
+            print(f"| {side} | {b} | plain, {dtype} | {rate:.1f} | {rate / fastest:.2f}x | {rate / floor:.2f} | "
                   f"{compile_s:.0f} | {'yes' if outs == want else 'NO'} |")  # fmt: skip
 
 

@@ -144,6 +144,7 @@ class _Loop:
         self.steps = backend.steps(self.b, _bucket(max(self.limit) + k + 1))
         self.gen = sampling.generator()
         self.seq = [list(p) for p in prompts]
+        self.rows = torch.arange(self.b)
         self.stats = Stats(prompt_tokens=sum(map(len, prompts)), batch=self.b)
 
     def done(self, r: int) -> bool:
@@ -207,8 +208,8 @@ class _Loop:
                 return
             drafts: list[list[int]] = [[] for _ in range(self.b)]
             qs: list[list[Tensor]] = [[] for _ in range(self.b)]
-            z_last = torch.stack([z[r, last[r]] for r in range(self.b)])[:, None]
-            d_logits = torch.stack([lg[r, last[r]] for r in range(self.b)])
+            at = (self.rows, torch.tensor(last))  # each row's last real catch-up position
+            z_last, d_logits = z[at][:, None], lg[at]
             for j in range(k):
                 if j > 0:
                     ids = _ids([[d[-1]] for d in drafts])
@@ -230,7 +231,7 @@ class _Loop:
                     else:
                         drafts[r].append(0)
             ids = _ids([[q[-1], *d] for q, d in zip(self.seq, drafts, strict=True)])
-            pos = torch.stack([torch.arange(len(q) - 1, len(q) + k) for q in self.seq])
+            pos = _ids([list(range(len(q) - 1, len(q) + k)) for q in self.seq])
             logits, hv = self.steps.trunk(ids, pos)
             pending = [1] * self.b
             for r in active:
@@ -248,7 +249,7 @@ class _Loop:
             ids = _ids(
                 [_pad(q[m + 1 : m + 1 + c], k + 1) for q, m, c in zip(self.seq, start, pending, strict=True)]
             )
-            pos = torch.stack([torch.arange(m, m + k + 1) for m in start])
+            pos = _ids([list(range(m, m + k + 1)) for m in start])
             lg, z = self.steps.mtp(ids, hv, pos)
             last = [c - 1 for c in pending]
 
