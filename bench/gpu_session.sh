@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The one prepared script for a session lent a GPU (an H200; 15 minutes of device time in all).
+# The one prepared script for a GPU machine (an H200; at most 15 minutes of GPU time in all).
 #
-#   here, once:    bash bench/gpu_wheels.sh
-#   on the device: run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=580)
+#   on a machine with PyPI, once: bash bench/gpu_wheels.sh   (fills .whl/)
+#   on the GPU machine, with .whl/ beside the checkout: bash bench/gpu_session.sh   (580 s limit)
 #
 # In order, each step under its own time limit so one hang cannot eat the rest:
 #   1. the device and package versions;
@@ -16,7 +16,7 @@
 #      cache; static cache + compiled forward with CUDA graphs) against glmc's static-cache
 #      runtime (eager; compiled with mode="reduce-overhead", i.e. CUDA graphs), batch 1 and 8,
 #      and MTP K=1..3 on the demo model it trains (fewer steps than on CPU: the limit is tight).
-# Logs go to $OUT (the device tool brings them back), else to ./gpu-out. Copy the tables into
+# Logs go to $OUT when it is set, else to ./gpu-out. Copy the tables into
 # bench/RESULTS.md with the date and the device line.
 set -uo pipefail
 cd "$(dirname "$0")/.."
