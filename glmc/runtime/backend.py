@@ -104,9 +104,19 @@ class GraphBackend:
     spec: ModelSpec
     _mtp: object | None
     max_batch: int | None = None
+    static = False  # the artifact has static-cache graphs (run by `static_steps`)
 
     def steps(self, batch: int, length: int) -> Steps:
-        return FunctionalSteps(self, batch, length)
+        if not self.static:
+            return FunctionalSteps(self, batch, length)
+        # Kept per (batch, length), like the torch backend's: repeated calls reuse the buffers.
+        kept: dict[tuple[int, int], Steps] = self.__dict__.setdefault("_kept_steps", {})
+        if (batch, length) not in kept:
+            kept[(batch, length)] = self.static_steps(batch, length)
+        return kept[(batch, length)]
+
+    def static_steps(self, batch: int, length: int) -> Steps:
+        raise NotImplementedError(f"{type(self).__name__} has no static-cache steps")
 
     @property
     def has_mtp(self) -> bool:

@@ -48,16 +48,9 @@ class AotiBackend(GraphBackend):
         self._mtp: Any = load(mtp_key) if mtp_key in files else None
         # The earlier packages were compiled for batch 1; the static ones take any batch.
         self.max_batch: int | None = None if self.static else 1
-        self._steps: dict[tuple[int, int], Steps] = {}
 
-    def steps(self, batch: int, length: int) -> Steps:
-        if not self.static:
-            return super().steps(batch, length)
-        # Kept per (batch, length) like the other backends' caches: repeated calls reuse them.
-        key = (batch, length)
-        if key not in self._steps:
-            self._steps[key] = AotiStaticSteps(self, batch, length)
-        return self._steps[key]
+    def static_steps(self, batch: int, length: int) -> Steps:
+        return AotiStaticSteps(self, batch, length)
 
     def forward(
         self, ids: Tensor, positions: Tensor, past: list[KV], mask: Tensor

@@ -75,16 +75,9 @@ class OnnxBackend(GraphBackend):
             if self.static and "mtp_static" in files
             else None
         )
-        self._steps: dict[tuple[int, int], Steps] = {}
 
-    def steps(self, batch: int, length: int) -> Steps:
-        if not self.static:
-            return super().steps(batch, length)
-        # Kept per (batch, length) like the torch backend's: repeated calls reuse the buffers.
-        key = (batch, length)
-        if key not in self._steps:
-            self._steps[key] = OnnxStaticSteps(self, batch, length)
-        return self._steps[key]
+    def static_steps(self, batch: int, length: int) -> Steps:
+        return OnnxStaticSteps(self, batch, length)
 
     def forward(
         self, ids: Tensor, positions: Tensor, past: list[KV], mask: Tensor

@@ -76,14 +76,7 @@ def test_generate_on_static_packages_gives_the_torch_greedy_ids(built, reference
     MTP drafts; a second call reuses the (now stale) caches of the first and gives the same."""
     backend = open_artifact(built / "aoti").backend
     assert isinstance(backend, AotiBackend) and backend.static and backend.max_batch is None
-    torch_backend = TorchBackend(reference, reference.spec)
-    for k in (0, 2):
-        want, _ = generate_batch(torch_backend, PROMPTS, 12, draft_tokens=k)
-        got, stats = generate_batch(backend, PROMPTS, 12, draft_tokens=k)
-        assert got == want, k
-        assert stats.batch == 2
-        again, _ = generate_batch(backend, PROMPTS, 12, draft_tokens=k)
-        assert again == want, k
+    _same_greedy_ids(backend, reference, 12, again=True)
     steps = backend.steps(2, 64)  # the cache length both calls used (19 + 3 slots, bucketed)
     assert isinstance(steps, AotiStaticSteps) and backend.steps(2, 64) is steps
 
@@ -183,12 +176,7 @@ def test_grown_cache_packages_of_earlier_versions_still_decode(tmp_path, make_ti
     backend = open_artifact(tmp_path / "aoti").backend
     assert isinstance(backend, AotiBackend) and not backend.static and backend.max_batch == 1
     assert isinstance(backend.steps(1, 64), FunctionalSteps)
-    torch_backend = TorchBackend(model, model.spec)
-    for k in (0, 2):
-        want, _ = generate_batch(torch_backend, PROMPTS, 10, draft_tokens=k)
-        got, stats = generate_batch(backend, PROMPTS, 10, draft_tokens=k)
-        assert got == want, k
-        assert stats.batch == 2
+    _same_greedy_ids(backend, model, 10)
 
 
 def test_a_manifest_without_a_trunk_package_is_refused(tmp_path):
@@ -202,3 +190,16 @@ def test_a_manifest_without_a_trunk_package_is_refused(tmp_path):
     (folder / "mtp_static.pt2").write_bytes(b"")  # refused before any package loads
     with pytest.raises(CheckpointError, match="no trunk package"):
         open_artifact(folder)
+
+
+def _same_greedy_ids(backend, model, new_tokens, again=False):
+    """The aoti backend's greedy ids for PROMPTS equal the torch backend's, plain and with 2 MTP
+    drafts; `again`: a second call (on the first call's now stale caches) gives them too."""
+    torch_backend = TorchBackend(model, model.spec)
+    for k in (0, 2):
+        want, _ = generate_batch(torch_backend, PROMPTS, new_tokens, draft_tokens=k)
+        got, stats = generate_batch(backend, PROMPTS, new_tokens, draft_tokens=k)
+        assert got == want, k
+        assert stats.batch == 2
+        if again:
+            assert generate_batch(backend, PROMPTS, new_tokens, draft_tokens=k)[0] == want, k
