@@ -283,9 +283,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--bf16",
-        choices=("auto", "on", "off"),
+        choices=("auto", "on", "off", "only"),
         default="auto",
-        help="part 1 bf16 rows (torch backend and transformers in bf16): auto where bf16 is the fast dtype",
+        help="part 1 bf16 rows (torch backend and transformers in bf16): auto where bf16 is the fast dtype; "
+        "only: no fp32 rows (a GPU's run)",
     )
     ap.add_argument("--seed", type=int, default=0)
     # One thread for both sides: batch-1 decode gains little from a second one, and on a shared
@@ -325,14 +326,15 @@ def part1(
           f"{args.new_tokens} new tokens, greedy")  # fmt: skip
     sides = ["hf-default", "hf-static", "torch", "torch-compiled", "aoti", "onnx-grown", "onnx"]
     sides = [s for s in sides if s not in skip]
-    table(args, ours, hf, sides, batches, bw, "fp32")
+    if args.bf16 != "only":
+        table(args, ours, hf, sides, batches, bw, "fp32")
     use_bf16, why = fast_bf16(device)
     if args.bf16 == "off" or (args.bf16 == "auto" and not use_bf16):
         print(f"\nbf16 rows left out: {why}" if args.bf16 == "auto" else "\nbf16 rows left out (--bf16 off)")
         return
     # bf16 weights on both sides (the torch backend; transformers); the exported artifacts are fp32.
     bf16_sides = [s for s in sides if s in ("hf-default", "hf-static", "torch", "torch-compiled")]
-    print(f"\nbf16 ({why if use_bf16 else '--bf16 on'}): {', '.join(bf16_sides)}")
+    print(f"\nbf16 ({why if use_bf16 else f'--bf16 {args.bf16}'}): {', '.join(bf16_sides)}")
     table(args, ours.to(torch.bfloat16), hf.to(torch.bfloat16), bf16_sides, batches, bw, "bf16")
 
 

@@ -12,7 +12,7 @@
 #   3. bench/kernels.py at GLM-4.5 shapes (issue 4's table: fused MoE vs _grouped_mm + permutes,
 #      FP8 block GEMM vs bf16 mm);
 #   4. bench/train.py --device cuda (glmc's compiled step vs transformers eager, bf16 autocast);
-#   5. bench/generate.py --device cuda: decode tokens/s of transformers generate() (default
+#   5. bench/generate.py --device cuda --bf16 only: decode tokens/s in bf16 of transformers generate() (default
 #      cache; static cache + compiled forward with CUDA graphs) against glmc's static-cache
 #      runtime (eager; compiled with mode="reduce-overhead", i.e. CUDA graphs), batch 1 and 8,
 #      and MTP K=1..3 on the demo model it trains (fewer steps than on CPU: the limit is tight).
@@ -46,4 +46,4 @@ step sanitizer 130 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool
     python3 -m pytest -q -x -p no:cacheprovider tests/kernels -k "not cutlass and not triton_aot"
 step kernels 160 python3 bench/kernels.py --no-cutlass
 step train 110 python3 bench/train.py --device cuda --batch 8 --seq 1024 --steps 10
-step generate 130 python3 bench/generate.py --device cuda --threads 8 --steps 150 --repeats 2 --new-tokens 64
+step generate 130 python3 bench/generate.py --device cuda --threads 8 --steps 150 --repeats 2 --new-tokens 64 --bf16 only
