@@ -137,3 +137,29 @@ def example_inputs(
         h = torch.randn(batch, seq, model.model.norm.weight.shape[0], dtype=dtype)
         return (ids, h, mask, pos, *kv)
     return (ids, mask, pos, *kv)
+
+
+# The decoding runtime sizes a static cache to the longest row plus its drafts (at most 8),
+# rounded up to a multiple of 64 (glmc.runtime.decode): always under max_len + 128 slots.
+STATIC_CACHE_SLACK = 128
+
+
+def static_trace_args(
+    model: GLMForCausalLM, max_len: int, mtp: bool
+) -> tuple[tuple[Tensor, ...], tuple[object, ...]]:
+    """(example inputs, dynamic shapes) for tracing `StaticDecoderStep` (or `StaticMTPStep`):
+    batch 2, 3 new tokens at positions 2..4 of a 7-slot cache, every size > 1 and distinct so
+    the trace specialises on none; batch, new tokens and cache slots dynamic."""
+    from torch.export import Dim
+
+    batch, seq, slots = 2, 3, 7
+    b = Dim("batch", min=1, max=1024)
+    s = Dim("sequence", min=1, max=max_len)
+    t = Dim("cache_sequence", min=2, max=max_len + STATIC_CACHE_SLACK)
+    ids, *rest = example_inputs(model, batch, seq, slots, mtp=mtp)
+    pos = (torch.arange(seq) + 2).expand(batch, seq).contiguous()
+    if mtp:
+        h, _mask, _pos, *kv = rest
+        return (ids, h, pos, *kv), ({0: b, 1: s}, {0: b, 1: s}, {0: b, 1: s}, {0: b, 2: t}, {0: b, 2: t})
+    _mask, _pos, *kv = rest
+    return (ids, pos, *kv), ({0: b, 1: s}, {0: b, 1: s}, tuple({0: b, 2: t} for _ in kv))

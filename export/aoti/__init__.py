@@ -29,7 +29,7 @@ import torch
 
 from glmc.ir import GlmcError
 
-from ..steps import StaticDecoderStep, StaticMTPStep, example_inputs
+from ..steps import StaticDecoderStep, StaticMTPStep, static_trace_args
 from ..torch.model import GLMForCausalLM
 from ..torch.moe_static import static_moe
 
@@ -39,10 +39,6 @@ PACKAGES = {"decoder_static": "decoder_static.pt2", "mtp_static": "mtp_static.pt
 # The wrapper only sequences kernel calls; -O0 on it cuts the C++ compile by about a third
 # on 2 cores and costs nothing measurable at runtime (the kernels keep inductor's flags).
 _INDUCTOR_CONFIGS = {"aot_inductor.compile_wrapper_opt_level": "O0"}
-
-# The runtime sizes the cache to the longest row plus its drafts, rounded up to a multiple of
-# 64 (glmc.runtime.decode): at most max_len + 2 * 64 slots for up to 64 drafts.
-_CACHE_SLACK = 128
 
 
 def _compile(
@@ -60,48 +56,20 @@ def _compile(
         raise GlmcError(f"AOTInductor compile of {path.name} failed: {str(e).splitlines()[0]}") from e
 
 
-def _dims(max_len: int) -> tuple[object, object, object]:
-    from torch.export import Dim
-
-    # Batch, new tokens, cache slots. The example sizes below are all > 1 (and distinct), so
-    # the trace specialises on none of them.
-    return (
-        Dim("batch", min=1, max=1024),
-        Dim("sequence", min=1, max=max_len),
-        Dim("cache_sequence", min=2, max=max_len + _CACHE_SLACK),
-    )
-
-
-def _inputs(model: GLMForCausalLM, mtp: bool) -> tuple[torch.Tensor, ...]:
-    """Batch 2, 3 new tokens at positions 2..4 of a 7-slot cache (random values: never zeros)."""
-    batch, seq, slots = 2, 3, 7
-    ids, *rest = example_inputs(model, batch, seq, slots, mtp=mtp)
-    pos = (torch.arange(seq) + 2).expand(batch, seq).contiguous()
-    if mtp:
-        h, _mask, _pos, *kv = rest
-        return (ids, h, pos, *kv)
-    _mask, _pos, *kv = rest
-    return (ids, pos, *kv)
-
-
 def export_aoti(model: GLMForCausalLM, out: Path, max_len: int, mtp: bool) -> dict[str, str]:
     """Write the packages into `out`; returns {glmc_runtime.json file key: file name}."""
-    n = len(model.model.layers)
-    b, s, t = _dims(max_len)
     written = {}
     with static_moe(model):
         _compile(
             StaticDecoderStep(model),
-            _inputs(model, mtp=False),
-            ({0: b, 1: s}, {0: b, 1: s}, tuple({0: b, 2: t} for _ in range(2 * n))),
+            *static_trace_args(model, max_len, mtp=False),
             out / PACKAGES["decoder_static"],
         )
         written["decoder_static"] = PACKAGES["decoder_static"]
         if mtp:
             _compile(
                 StaticMTPStep(model),
-                _inputs(model, mtp=True),
-                ({0: b, 1: s}, {0: b, 1: s}, {0: b, 1: s}, {0: b, 2: t}, {0: b, 2: t}),
+                *static_trace_args(model, max_len, mtp=True),
                 out / PACKAGES["mtp_static"],
             )
             written["mtp_static"] = PACKAGES["mtp_static"]

@@ -24,7 +24,15 @@ import torch
 
 from glmc.ir import GlmcError
 
-from ..steps import DecoderStep, MTPStep, StaticDecoderStep, StaticMTPStep, example_inputs, kv_names
+from ..steps import (
+    DecoderStep,
+    MTPStep,
+    StaticDecoderStep,
+    StaticMTPStep,
+    example_inputs,
+    kv_names,
+    static_trace_args,
+)
 from ..torch.model import Attention, GLMForCausalLM, RMSNorm
 from ..torch.moe_static import static_moe
 
@@ -41,7 +49,7 @@ def onnx_lowering(model: GLMForCausalLM) -> Iterator[GLMForCausalLM]:
     """The model as the ONNX graphs spell it: the static-shape MoE, grouped attention (no copy of
     the cache per query head) and the RMSNorm form ONNX Runtime fuses into one node. The same
     math as the torch module; on glm-small it cut a decode step's graph from 722 nodes (after
-    ONNX Runtime's own fusions) to about 500."""
+    ONNX Runtime's own fusions) to 431."""
 
     def switch(on: bool) -> None:
         for m in model.modules():
@@ -129,47 +137,22 @@ def export_mtp(model: GLMForCausalLM, path: Path, max_len: int) -> None:
         _export(MTPStep(model), example_inputs(model, 2, 3, 3, mtp=True), dyn, inputs, outputs, path)
 
 
-def _static_dims(max_len: int) -> tuple[object, object, object]:
-    from torch.export import Dim
-
-    # Batch, new tokens, cache slots (the runtime rounds the cache length up to a bucket).
-    return (
-        Dim("batch", min=1, max=1024),
-        Dim("sequence", min=1, max=max_len),
-        Dim("cache_sequence", min=2, max=max_len + 64),
-    )
-
-
-def _static_inputs(
-    model: GLMForCausalLM, batch: int, seq: int, slots: int, mtp: bool
-) -> tuple[torch.Tensor, ...]:
-    full = example_inputs(model, batch, seq, slots, mtp=mtp)
-    pos = (torch.arange(seq) + 2).expand(batch, seq).contiguous()  # inside the slots
-    if mtp:
-        ids, h, _, _, *kv = full
-        return (ids, h, pos, *kv)
-    ids, _, _, *kv = full
-    return (ids, pos, *kv)
-
-
 def export_decoder_static(model: GLMForCausalLM, path: Path, max_len: int) -> None:
     """model_static.onnx: (input_ids, position_ids, cache.*) -> (logits, hidden_states, cache_out.*);
     cache [B, nkv, T, d], slot = position; a query sees its own row's slots 0..position."""
     n = len(model.model.layers)
-    b, s, t = _static_dims(max_len)
-    dyn = ({0: b, 1: s}, {0: b, 1: s}, tuple({0: b, 2: t} for _ in range(2 * n)))
     inputs = [*STATIC_DECODER_INPUTS, *kv_names("cache", n)]
     outputs = ["logits", "hidden_states", *kv_names("cache_out", n)]
     with onnx_lowering(model):
-        _export(StaticDecoderStep(model), _static_inputs(model, 2, 3, 7, False), dyn, inputs, outputs, path)
+        _export(
+            StaticDecoderStep(model), *static_trace_args(model, max_len, mtp=False), inputs, outputs, path
+        )
 
 
 def export_mtp_static(model: GLMForCausalLM, path: Path, max_len: int) -> None:
     """mtp_static.onnx: (input_ids, hidden_states, position_ids, cache.0.*) ->
     (logits, hidden_states_out, cache_out.0.*)."""
-    b, s, t = _static_dims(max_len)
-    dyn = ({0: b, 1: s}, {0: b, 1: s}, {0: b, 1: s}, {0: b, 2: t}, {0: b, 2: t})
     inputs = [*STATIC_MTP_INPUTS, *kv_names("cache", 1)]
     outputs = ["logits", "hidden_states_out", *kv_names("cache_out", 1)]
     with onnx_lowering(model):
-        _export(StaticMTPStep(model), _static_inputs(model, 2, 3, 7, True), dyn, inputs, outputs, path)
+        _export(StaticMTPStep(model), *static_trace_args(model, max_len, mtp=True), inputs, outputs, path)

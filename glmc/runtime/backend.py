@@ -133,3 +133,10 @@ class GraphBackend:
 
 def empty_kv(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32) -> list[KV]:
     return [(torch.zeros(1, kv_heads, 0, head_dim, dtype=dtype),) * 2 for _ in range(layers)]
+
+
+def static_kv(spec: ModelSpec, batch: int, length: int, layers: int) -> list[Tensor]:
+    """Zeroed fp32 static caches of `layers` layers, flat (k0, v0, k1, v1, ...), each
+    [batch, nkv, length, d]: what the static-cache graphs take."""
+    a = spec.attention
+    return [torch.zeros(batch, a.num_kv_heads, length, a.head_dim) for _ in range(2 * layers)]

@@ -15,12 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from glmc.errors import CheckpointError
 from glmc.export import RUNTIME_FILE
-from glmc.runtime.backend import KV, GraphBackend
+from glmc.runtime.backend import KV, GraphBackend, static_kv
 from glmc.runtime.steps import Steps
 from glmc.spec import ModelSpec
 
@@ -79,12 +78,9 @@ class AotiStaticSteps:
 
     def __init__(self, backend: AotiBackend, batch: int, length: int) -> None:
         self.backend, self.batch, self.length = backend, batch, length
-        a = backend.spec.attention
-        shape = (batch, a.num_kv_heads, length, a.head_dim)
-        self.cache: list[Tensor] = [torch.zeros(shape) for _ in range(2 * backend.spec.num_layers)]
-        self.mtp_cache: list[Tensor] | None = (
-            [torch.zeros(shape), torch.zeros(shape)] if backend._mtp is not None else None
-        )
+        spec = backend.spec
+        self.cache: list[Tensor] = static_kv(spec, batch, length, spec.num_layers)
+        self.mtp_cache = static_kv(spec, batch, length, 1) if backend._mtp is not None else None
 
     def trunk(self, ids: Tensor, positions: Tensor, prefill: bool = False) -> tuple[Tensor, Tensor]:
         logits, h, *self.cache = self.backend._trunk(ids.contiguous(), positions.contiguous(), *self.cache)

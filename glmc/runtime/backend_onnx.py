@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from glmc.runtime.backend import KV, GraphBackend
+from glmc.runtime.backend import KV, GraphBackend, static_kv
 from glmc.runtime.steps import Steps
 from glmc.spec import ModelSpec
 
@@ -109,12 +109,10 @@ class OnnxStaticSteps:
 
     def __init__(self, backend: OnnxBackend, batch: int, length: int) -> None:
         self.backend, self.batch, self.length = backend, batch, length
-        a = backend.spec.attention
-        shape = (batch, a.num_kv_heads, length, a.head_dim)
         self._vocab, self._hidden = backend.spec.vocab_size, backend.spec.hidden_size
 
         def caches(layers: int) -> list[list[Tensor]]:
-            return [[torch.zeros(shape) for _ in range(2 * layers)] for _ in range(2)]
+            return [static_kv(backend.spec, batch, length, layers) for _ in range(2)]
 
         self.cache = caches(backend.spec.num_layers)
         self.mtp_cache = caches(1) if backend._mtp_static is not None else None
