@@ -79,9 +79,9 @@ def corpus(n: int, seed: int) -> torch.Tensor:
     return torch.tensor(list("".join(sentence(rng) for _ in range(n)).encode()), dtype=torch.int64)
 
 
-def train(steps: int, batch: int, seq: int, seed: int) -> torch.nn.Module:
+def train(steps: int, batch: int, seq: int, seed: int, layers: int = 6) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = build_torch(glmc.ModelSpec.from_dict(SPEC), seed=seed)
+    model = build_torch(glmc.ModelSpec.from_dict({**SPEC, "num_layers": layers}), seed=seed)
     data = corpus(20000, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
@@ -269,6 +269,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="training steps of the MTP demo model")
     ap.add_argument("--batch", type=int, default=8, help="training batch of the MTP demo model")
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument(
+        "--demo-layers",
+        type=int,
+        default=6,
+        help="trunk layers of the MTP demo model (its one MTP layer costs about 1/layers of a trunk step)",
+    )
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=16, help="part 1 prompt length")
     ap.add_argument("--batches", default="1,8")
@@ -278,7 +284,7 @@ def main() -> None:
     ap.add_argument(
         "--skip",
         default="",
-        help="comma-separated sides to leave out: hf-static, torch-compiled, aoti, onnx, onnx-grown, part2",
+        help="comma-separated sides to leave out: hf-static, torch-compiled, aoti, onnx, onnx-grown, part1, part2",
     )
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
@@ -306,7 +312,8 @@ def main() -> None:
         f"device {device}, copy bandwidth {bw / 1e9:.1f} GB/s, load average {load:.1f} at start"
     )
     batches = [int(x) for x in args.batches.split(",")]
-    part1(args, device, skip, bw, batches)
+    if "part1" not in skip:
+        part1(args, device, skip, bw, batches)
     if "part2" not in skip:
         part2(args, device, skip, bw)
     if hasattr(os, "getloadavg"):
@@ -379,9 +386,10 @@ def table(
 
 
 def part2(args: argparse.Namespace, device: torch.device, skip: set[str], bw: float) -> None:
-    print(f"\npart 2: training {SPEC['name']} for {args.steps} steps (batch {args.batch} x {args.seq} bytes)")
+    print(f"\npart 2: training {SPEC['name']} ({args.demo_layers} trunk layers + 1 MTP layer) for "
+          f"{args.steps} steps (batch {args.batch} x {args.seq} bytes)")  # fmt: skip
     t0 = time.perf_counter()
-    model = train(args.steps, args.batch, args.seq, args.seed).to(device)
+    model = train(args.steps, args.batch, args.seq, args.seed, args.demo_layers).to(device)
     print(f"trained in {time.perf_counter() - t0:.0f} s")
     rng = random.Random(args.seed + 1)  # held-out sentences: a different stream than training
     drafts = [0, *(int(x) for x in args.drafts.split(","))]

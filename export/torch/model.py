@@ -190,15 +190,22 @@ class Attention(nn.Module):
         scores = scores.view(B, self.nkv, g, S, T).masked_fill(~mask[:, :, None], torch.finfo(q.dtype).min)
         return (scores.softmax(-1).view(B, self.nkv, g * S, T) @ v).view(B, nh, S, d)
 
-    def forward_static(self, x: Tensor, rope: Rope, cache: KV, slots: Tensor, mask: Tensor) -> Tensor:
+    def forward_static(
+        self, x: Tensor, rope: Rope, cache: KV, slots: Tensor, mask: Tensor, at: Tensor | None = None
+    ) -> Tensor:
         """Static cache: write the new tokens' k, v into the preallocated `cache` (k, v
         [B, nkv, T, d], slot = position) at `slots` [B, S], in place, then attend over all T
         slots under `mask` [B, 1, S, T]. Shapes never change from step to step (what a compiled
-        step and a CUDA graph need); slots a query may not see hold stale or zero entries."""
+        step and a CUDA graph need); slots a query may not see hold stale or zero entries.
+        `at` [B]: every token's k, v are written, but only the query at index at[b] of each
+        row attends (output [B, 1, H]): a caller that reads one position per row."""
         q, k, v = self._qkv(x, rope)
         idx = slots[:, None, :, None].expand_as(k)  # per-row positions: rows may differ
         cache[0].scatter_(2, idx, k)
         cache[1].scatter_(2, idx, v)
+        if at is not None:
+            rows = torch.arange(q.shape[0], device=q.device)
+            q, mask = q[rows, :, at][:, :, None], mask[rows, :, at][:, :, None]
         return self._out(self._attend(q, cache[0], cache[1], mask))
 
 
@@ -376,8 +383,14 @@ class DecoderLayer(nn.Module):
         x = x + a
         return x + self._ffn(self.post_attention_layernorm(x), None), present
 
-    def forward_static(self, x: Tensor, rope: Rope, cache: KV, slots: Tensor, mask: Tensor) -> Tensor:
-        x = x + self.self_attn.forward_static(self.input_layernorm(x), rope, cache, slots, mask)
+    def forward_static(
+        self, x: Tensor, rope: Rope, cache: KV, slots: Tensor, mask: Tensor, at: Tensor | None = None
+    ) -> Tensor:
+        """`at` [B]: write every token's k, v; compute the rest at index at[b] of each row only."""
+        a = self.self_attn.forward_static(self.input_layernorm(x), rope, cache, slots, mask, at)
+        if at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), at][:, None]
+        x = x + a
         return x + self._ffn(self.post_attention_layernorm(x), None)
 
     def _ffn(self, x: Tensor, stats: list[tuple[Tensor, Tensor]] | None) -> Tensor:
@@ -417,9 +430,17 @@ class MTPLayer(DecoderLayer):
         return self.shared_head.norm(z), present
 
     def forward_mtp_static(
-        self, emb: Tensor, h: Tensor, rope: Rope, cache: KV, slots: Tensor, mask: Tensor
+        self,
+        emb: Tensor,
+        h: Tensor,
+        rope: Rope,
+        cache: KV,
+        slots: Tensor,
+        mask: Tensor,
+        at: Tensor | None = None,
     ) -> Tensor:
-        return self.shared_head.norm(super().forward_static(self.fuse(emb, h), rope, cache, slots, mask))
+        z = super().forward_static(self.fuse(emb, h), rope, cache, slots, mask, at)
+        return self.shared_head.norm(z)
 
 
 class GLMModel(nn.Module):
@@ -599,6 +620,49 @@ class GLMForCausalLM(nn.Module):
         rope = self.model.rope(positions)
         z = mtp.forward_mtp_static(self.model.embed_tokens(next_ids), h, rope, cache, positions, mask)
         return self.head(z), z
+
+    def greedy_round_static(
+        self, ids: Tensor, positions: Tensor, cache: list[KV], mtp_cache: KV, draft_tokens: int
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One greedy MTP speculation round in one call (so it compiles, or exports, as one
+        graph): verify, acceptance, MTP catch-up and the next round's chained drafts.
+
+        `ids` [B, K+1] = each row's last committed token, then its K drafts; `positions`
+        [B, K+1] their positions (n-1 .. n-1+K for a row of n committed tokens). Returns
+        - `best` [B, K+1]: the trunk's argmax after each position; the row commits
+          best[:, :accepted+1] (the accepted drafts equal best's first `accepted` entries);
+        - `accepted` [B]: drafts accepted (the longest prefix with ids[:, i+1] == best[:, i]);
+        - `drafts` [B, K]: the next round's drafts, from the MTP layer at the row's last
+          committed position and K-1 chained MTP steps;
+        - `trunk_ok` [B, K+1], `draft_ok` [B, K]: whether those logits are all finite (the
+          caller refuses to pick tokens from NaN/Inf).
+        The catch-up runs the MTP layer over all K+1 positions with next tokens `best`: the
+        entries past a row's accepted ones read rejected tokens and sit past its committed
+        tokens, where the next round overwrites them before any query sees them."""
+        logits, h = self.forward_static(ids, positions, cache)
+        best = logits.argmax(-1)
+        trunk_ok = logits.isfinite().all(-1)
+        accepted = (ids[:, 1:] == best[:, :-1]).long().cumprod(-1).sum(-1)
+        mtp = cast(MTPLayer, self.model.mtp[0])
+
+        def mtp_step(next_ids: Tensor, h: Tensor, pos: Tensor, at: Tensor | None = None) -> Tensor:
+            mask = static_attention_mask(pos, mtp_cache[0].shape[2])
+            emb = self.model.embed_tokens(next_ids)
+            return mtp.forward_mtp_static(emb, h, self.model.rope(pos), mtp_cache, pos, mask, at)
+
+        # The catch-up writes the MTP cache at every position; only each row's last committed
+        # position (index `accepted`) goes on through attention's output, the MoE and the head.
+        z = mtp_step(best, h, positions, accepted)
+        at = positions[:, :1] + accepted[:, None]
+        drafts: list[Tensor] = []
+        draft_ok: list[Tensor] = []
+        for j in range(draft_tokens):
+            if j > 0:
+                z = mtp_step(drafts[-1][:, None], z, at + j)
+            lg = self.head(z[:, 0])  # the head at one position per row, not K+1
+            drafts.append(lg.argmax(-1))
+            draft_ok.append(lg.isfinite().all(-1))
+        return best, accepted, torch.stack(drafts, 1), trunk_ok, torch.stack(draft_ok, 1)
 
     @torch.no_grad()
     def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:

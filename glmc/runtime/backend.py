@@ -32,6 +32,10 @@ class Backend(Protocol):
 
     def steps(self, batch: int, length: int) -> Steps: ...
 
+    def forget_steps(self, batch: int, length: int) -> None:
+        """Drop the kept steps of (batch, length): the next call allocates fresh caches."""
+        ...
+
 
 class FunctionalBackend(Protocol):
     """A backend whose steps take the KV cache and return it grown (the exported graphs)."""
@@ -76,6 +80,7 @@ class TorchBackend:
         self._steps: dict[tuple[int, int], TorchSteps] = {}
         self.compiled_trunk: Any = None
         self.compiled_mtp: Any = None
+        self.compiled_round: Any = None
         if compiled:
             cuda = self.model.model.embed_tokens.weight.device.type == "cuda"
             # One graph per (kind, batch, tokens, cache length): more than Dynamo's default
@@ -83,6 +88,7 @@ class TorchBackend:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.compiled_trunk = compile_step(self.model.forward_static, cuda)
             self.compiled_mtp = compile_step(self.model.mtp_static, cuda)
+            self.compiled_round = compile_step(self.model.greedy_round_static, cuda)
 
     @property
     def has_mtp(self) -> bool:
@@ -95,6 +101,9 @@ class TorchBackend:
         if key not in self._steps:
             self._steps[key] = TorchSteps(self, batch, length)
         return self._steps[key]
+
+    def forget_steps(self, batch: int, length: int) -> None:
+        self._steps.pop((batch, length), None)
 
 
 class GraphBackend:
@@ -114,6 +123,9 @@ class GraphBackend:
         if (batch, length) not in kept:
             kept[(batch, length)] = self.static_steps(batch, length)
         return kept[(batch, length)]
+
+    def forget_steps(self, batch: int, length: int) -> None:
+        self.__dict__.get("_kept_steps", {}).pop((batch, length), None)
 
     def static_steps(self, batch: int, length: int) -> Steps:
         raise NotImplementedError(f"{type(self).__name__} has no static-cache steps")

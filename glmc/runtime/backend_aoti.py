@@ -93,5 +93,5 @@ class AotiStaticSteps:
         )
         return logits, z
 
-    def warm_up(self, draft_tokens: int) -> float:
+    def warm_up(self, draft_tokens: int, greedy: bool = False) -> float:
         return 0.0  # nothing compiles at run time: the packages were built ahead of time

@@ -159,7 +159,7 @@ class OnnxStaticSteps:
         feeds = [ids.contiguous(), h.float().contiguous(), positions.contiguous()]
         return self._run(self.backend._mtp_static, "mtp", feeds, self.mtp_cache, prefill)
 
-    def warm_up(self, draft_tokens: int) -> float:
+    def warm_up(self, draft_tokens: int, greedy: bool = False) -> float:
         return 0.0  # built ahead of time; ONNX Runtime plans its buffers on the first run
 
 

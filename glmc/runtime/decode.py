@@ -18,6 +18,10 @@ h_t and token t+1). Right after the prefill one MTP call covers the whole prompt
 3. verify: one trunk forward over [seq[-1], d1..dK]; keep the longest accepted prefix plus
    the trunk's own next token (cut to the row's budget); entries of rejected drafts stay in
    the cache past the row's tokens until the next verify overwrites them.
+Greedy speculation on steps that have `greedy_round` (the torch backend) runs 3 and 1-2 as
+one call a round: verify, acceptance by exact match, catch-up over the K+1 verify positions
+with the trunk's own argmax tokens as next tokens (the entries past the accepted ones are
+overwritten next round before any query sees them), and the next round's chained drafts.
 Greedy acceptance is exact match, so greedy output equals plain greedy decoding. Sampling
 uses speculative sampling (accept d with prob min(1, p(d)/q(d)), else draw from
 norm(max(p - q, 0))), which leaves the output distribution unchanged.
@@ -28,6 +32,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -35,6 +40,7 @@ from torch import Tensor
 from glmc.errors import GlmcError
 from glmc.runtime.backend import Backend
 from glmc.runtime.sampling import Sampling, distribution, pick
+from glmc.runtime.steps import GreedyRounds
 
 MAX_DRAFT_TOKENS = 8
 
@@ -141,7 +147,8 @@ class _Loop:
         self.max_new = max_new
         # Verify writes up to position n-1+K < limit+K; drafts past a row's budget are computed
         # (shapes stay fixed) and never committed.
-        self.steps = backend.steps(self.b, _bucket(max(self.limit) + k + 1))
+        self.length = _bucket(max(self.limit) + k + 1)
+        self.steps = backend.steps(self.b, self.length)
         self.gen = sampling.generator()
         self.seq = [list(p) for p in prompts]
         self.rows = torch.arange(self.b)
@@ -151,8 +158,17 @@ class _Loop:
         return len(self.seq[r]) >= self.limit[r] or self.seq[r][-1] in self.eos
 
     def run(self) -> tuple[list[list[int]], Stats]:
+        try:
+            return self._run()
+        except GlmcError:
+            # Non-finite logits: NaN or Inf may now sit in cache slots, and attention weighs a
+            # masked slot by exactly 0, but 0 * NaN is NaN. Later calls start on fresh caches.
+            self.backend.forget_steps(self.b, self.length)
+            raise
+
+    def _run(self) -> tuple[list[list[int]], Stats]:
         st = self.stats
-        st.compile_s = self.steps.warm_up(self.k)
+        st.compile_s = self.steps.warm_up(self.k, greedy=self.s.greedy)
         t0 = time.perf_counter()
         lens = [len(p) for p in self.prompts]
         width = max(lens)
@@ -202,34 +218,15 @@ class _Loop:
         pos = torch.arange(width).expand(self.b, width).contiguous()
         lg, z = self.steps.mtp(_ids([_pad(q[1:], width) for q in self.seq]), h, pos, prefill=True)
         last = [len(p) - 1 for p in self.prompts]  # index of the catch-up's last real position
+        greedy_rounds = s.greedy and hasattr(self.steps, "greedy_round")
+        rounds = cast(GreedyRounds, self.steps) if greedy_rounds else None
         while True:
             active = [r for r in range(self.b) if not self.done(r)]
             if not active:
                 return
-            drafts: list[list[int]] = [[] for _ in range(self.b)]
-            qs: list[list[Tensor]] = [[] for _ in range(self.b)]
-            at = (self.rows, torch.tensor(last))  # each row's last real catch-up position
-            z_last, d_logits = z[at][:, None], lg[at]
-            for j in range(k):
-                if j > 0:
-                    ids = _ids([[d[-1]] for d in drafts])
-                    pos = torch.tensor([[len(q) - 2 + j] for q in self.seq])
-                    lg1, z_last = self.steps.mtp(ids, z_last, pos)
-                    d_logits = lg1[:, 0]
-                best = d_logits.argmax(-1).tolist() if s.greedy else []  # one op for every row
-                for r in range(self.b):
-                    if r in active:
-                        _require_finite(
-                            self.backend, d_logits[r][None], len(self.seq[r]) - 1 + j, "MTP draft"
-                        )
-                    if s.greedy:
-                        drafts[r].append(best[r])
-                    elif r in active:
-                        q = distribution(d_logits[r], s)
-                        qs[r].append(q)
-                        drafts[r].append(int(torch.multinomial(q, 1, generator=gen)))
-                    else:
-                        drafts[r].append(0)
+            drafts, qs = self._draft(lg, z, last, active)
+            if rounds is not None:
+                return self._greedy_rounds(rounds, drafts)
             ids = _ids([[q[-1], *d] for q, d in zip(self.seq, drafts, strict=True)])
             pos = _ids([list(range(len(q) - 1, len(q) + k)) for q in self.seq])
             logits, hv = self.steps.trunk(ids, pos)
@@ -252,6 +249,62 @@ class _Loop:
             pos = _ids([list(range(m, m + k + 1)) for m in start])
             lg, z = self.steps.mtp(ids, hv, pos)
             last = [c - 1 for c in pending]
+
+    def _draft(
+        self, lg: Tensor, z: Tensor, last: list[int], active: list[int]
+    ) -> tuple[list[list[int]], list[list[Tensor]]]:
+        """K drafts per row: from the catch-up's logits `lg` at each row's last real position,
+        then K-1 chained MTP steps; with sampling, also each draft's distribution."""
+        k, s, gen = self.k, self.s, self.gen
+        drafts: list[list[int]] = [[] for _ in range(self.b)]
+        qs: list[list[Tensor]] = [[] for _ in range(self.b)]
+        at = (self.rows, torch.tensor(last))  # each row's last real catch-up position
+        z_last, d_logits = z[at][:, None], lg[at]
+        for j in range(k):
+            if j > 0:
+                ids = _ids([[d[-1]] for d in drafts])
+                pos = torch.tensor([[len(q) - 2 + j] for q in self.seq])
+                lg1, z_last = self.steps.mtp(ids, z_last, pos)
+                d_logits = lg1[:, 0]
+            best = d_logits.argmax(-1).tolist() if s.greedy else []  # one op for every row
+            for r in range(self.b):
+                if r in active:
+                    _require_finite(self.backend, d_logits[r][None], len(self.seq[r]) - 1 + j, "MTP draft")
+                if s.greedy:
+                    drafts[r].append(best[r])
+                elif r in active:
+                    q = distribution(d_logits[r], s)
+                    qs[r].append(q)
+                    drafts[r].append(int(torch.multinomial(q, 1, generator=gen)))
+                else:
+                    drafts[r].append(0)
+        return drafts, qs
+
+    def _greedy_rounds(self, rounds: GreedyRounds, drafts: list[list[int]]) -> None:
+        """Greedy speculation with one call a round (verify, acceptance, MTP catch-up and the
+        next drafts in one graph): the same tokens as the three-call loop above."""
+        k = self.k
+        while True:
+            active = [r for r in range(self.b) if not self.done(r)]
+            if not active:
+                return
+            ids = _ids([[q[-1], *d] for q, d in zip(self.seq, drafts, strict=True)])
+            pos = _ids([list(range(len(q) - 1, len(q) + k)) for q in self.seq])
+            best_t, accepted_t, drafts_t, trunk_ok, draft_ok = rounds.greedy_round(ids, pos, k)
+            best, accepted, drafts = best_t.tolist(), accepted_t.tolist(), drafts_t.tolist()
+            finite = bool(trunk_ok.all())  # the common case in one op
+            for r in active:
+                n = len(self.seq[r])
+                if not finite:
+                    _require_ok(self.backend, trunk_ok[r], n - 1)
+                new = best[r][: accepted[r] + 1][: self.limit[r] - n]
+                self.seq[r] += new
+                self.stats.accepted_per_round.append(len(new))
+            self.stats.rounds += 1
+            if not bool(draft_ok.all()):
+                for r in range(self.b):
+                    if not self.done(r):
+                        _require_ok(self.backend, draft_ok[r], len(self.seq[r]) - 1, "MTP draft")
 
 
 def _bucket(n: int) -> int:
@@ -292,9 +345,13 @@ def _require_finite(backend: Backend, logits: Tensor, position: int, what: str =
     fails inside torch.multinomial, so either way the output would be meaningless."""
     if math.isfinite(float(logits.sum())):
         return  # the common case in one op: a NaN or Inf anywhere makes the sum non-finite
-    ok = torch.isfinite(logits).all(dim=-1)
+    _require_ok(backend, torch.isfinite(logits).all(dim=-1), position, what)
+
+
+def _require_ok(backend: Backend, ok: Tensor, position: int, what: str = "trunk") -> None:
+    """`ok` [S]: whether the logits at positions position .. position+S-1 are all finite."""
     if bool(ok.all()):
-        return  # finite logits whose sum overflowed
+        return  # finite logits (whose sum, for _require_finite, overflowed)
     at = position + int((~ok).nonzero()[0, 0])
     raise GlmcError(
         f"the {backend.name} artifact's {what} logits at position {at} hold NaN or Inf (non-finite weights, "

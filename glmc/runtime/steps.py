@@ -43,8 +43,18 @@ class Steps(Protocol):
         """MTP layer 0 -> (draft logits [B, S, V], MTP hidden [B, S, H]); writes the MTP cache."""
         ...
 
-    def warm_up(self, draft_tokens: int) -> float:
-        """Run (and compile) every fixed-shape step the loop will use; returns its seconds."""
+    def warm_up(self, draft_tokens: int, greedy: bool = False) -> float:
+        """Run (and compile) every fixed-shape step the loop will use; returns its seconds.
+        `greedy`: speculation will run on `greedy_round` where the steps have one."""
+        ...
+
+
+class GreedyRounds(Protocol):
+    """Steps that run a whole greedy speculation round in one call (see
+    GLMForCausalLM.greedy_round_static for the contract)."""
+
+    def greedy_round(self, ids: Tensor, positions: Tensor, draft_tokens: int) -> tuple[Tensor, ...]:
+        """(best [B, K+1], accepted [B], drafts [B, K], trunk_ok [B, K+1], draft_ok [B, K])."""
         ...
 
 
@@ -90,7 +100,7 @@ class FunctionalSteps:
         self._store([self.mtp_cache], [grown], positions)
         return logits, z
 
-    def warm_up(self, draft_tokens: int) -> float:
+    def warm_up(self, draft_tokens: int, greedy: bool = False) -> float:
         return 0.0  # nothing compiles at run time: the graphs were built ahead of time
 
 
@@ -129,7 +139,7 @@ class TorchSteps:
     def _on_device(self, a: Any) -> Any:
         return a.to(self.device) if isinstance(a, Tensor) else a
 
-    def _step(self, fn: Any, eager: Any, prefill: bool, *args: Any) -> tuple[Tensor, Tensor]:
+    def _step(self, fn: Any, eager: Any, prefill: bool, *args: Any) -> tuple[Tensor, ...]:
         if prefill:
             return eager(*args)
         from glmc.kernels import use_kernels
@@ -148,7 +158,7 @@ class TorchSteps:
             for m in self._experts:
                 m.static_shapes = False
         # CUDA graph outputs are overwritten by the next replay of the same graph.
-        return (out[0].clone(), out[1].clone()) if self.cuda else out
+        return tuple(t.clone() for t in out) if self.cuda else out
 
     def trunk(self, ids: Tensor, positions: Tensor, prefill: bool = False) -> tuple[Tensor, Tensor]:
         return self._run(
@@ -160,7 +170,23 @@ class TorchSteps:
             self.backend.compiled_mtp, self.model.mtp_static, prefill, ids, h, positions, self.mtp_cache
         )
 
-    def warm_up(self, draft_tokens: int) -> float:
+    def greedy_round(self, ids: Tensor, positions: Tensor, draft_tokens: int) -> tuple[Tensor, ...]:
+        """One greedy speculation round in one call (GLMForCausalLM.greedy_round_static),
+        compiled as one graph when the backend compiles; the results come back on the CPU."""
+        assert self.mtp_cache is not None
+        out = self._step(
+            self.backend.compiled_round,
+            self.model.greedy_round_static,
+            False,
+            self._on_device(ids),
+            self._on_device(positions),
+            self.cache,
+            self.mtp_cache,
+            draft_tokens,
+        )
+        return tuple(t.cpu() for t in out)
+
+    def warm_up(self, draft_tokens: int, greedy: bool = False) -> float:
         """Compile and run each fixed-shape step once (three times for CUDA graphs, which record
         on a later call) on dummy tokens at the first slots: the prefill overwrites them, and
         any slot it does not is past every row's tokens until a later step writes it."""
@@ -169,7 +195,10 @@ class TorchSteps:
         t0 = time.perf_counter()
         b = self.batch
         shapes = [("trunk", 1)] if draft_tokens == 0 else [("trunk", draft_tokens + 1)]
-        if draft_tokens:
+        if draft_tokens and greedy:
+            # The round, and the first round's chained drafts (MTP on one token per row).
+            shapes = [("round", draft_tokens + 1), ("mtp", 1)]
+        elif draft_tokens:
             shapes += [("mtp", 1), ("mtp", draft_tokens + 1)]
         hidden = self.model.model.norm.weight.shape[0]
         dtype = self.model.model.embed_tokens.weight.dtype
@@ -184,6 +213,8 @@ class TorchSteps:
             for _ in range(3 if self.cuda else 1):
                 if kind == "trunk":
                     self.trunk(ids, pos)
+                elif kind == "round":
+                    self.greedy_round(ids, pos, draft_tokens)
                 else:
                     self.mtp(ids, torch.zeros(b, s, hidden, dtype=dtype, device=device), pos)
             self._warm.add((kind, s))

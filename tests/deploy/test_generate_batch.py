@@ -3,10 +3,13 @@ batched generation (prompts of different lengths, per-row EOS and budget, per-ro
 acceptance) against each prompt decoded alone, compiled steps against eager ones, on the torch
 backend and the exported graphs, and `glmc generate --prompt-file`."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from glmc.cli import main
+from glmc.errors import GlmcError
 from glmc.runtime import Stats, generate, generate_batch, open_artifact
 from glmc.runtime.backend import TorchBackend
 from glmc.runtime.cpu import fast_bf16
@@ -85,6 +88,66 @@ def test_batched_speculation_accepts_per_row(make_tiny):
     got, stats = generate_batch(backend, PROMPTS, 30, draft_tokens=3)
     assert got == want
     assert 1 in stats.accepted_per_round and 4 in stats.accepted_per_round
+
+
+class _ThreeCalls:
+    """A torch backend's steps without `greedy_round`: greedy speculation then runs the
+    three-call loop (verify, catch-up, chained drafts), as it does on the exported graphs."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.name, self.spec, self.max_batch = backend.name, backend.spec, backend.max_batch
+        self.has_mtp = backend.has_mtp
+
+    def steps(self, batch, length):
+        inner = self.backend.steps(batch, length)
+        return SimpleNamespace(trunk=inner.trunk, mtp=inner.mtp, warm_up=inner.warm_up)
+
+    def forget_steps(self, batch, length):
+        self.backend.forget_steps(batch, length)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_one_call_rounds_equal_the_three_call_loop(make_tiny, k):
+    """GLMForCausalLM.greedy_round_static (verify, acceptance, catch-up and next drafts in one
+    call) commits the same tokens in the same rounds as the three-call loop, rows accepting
+    different numbers of drafts."""
+    from test_generate import _markov_model  # tests/deploy is on sys.path (no __init__.py)
+
+    m, _, _ = _markov_model(make_tiny, mtp_noise=0.02)
+    fused = TorchBackend(m, m.spec)
+    assert hasattr(fused.steps(1, 64), "greedy_round")
+    want, st_want = generate_batch(_ThreeCalls(fused), PROMPTS, 30, draft_tokens=k)
+    got, st = generate_batch(fused, PROMPTS, 30, draft_tokens=k)
+    assert got == want == _alone(fused, PROMPTS, 30)
+    assert st.accepted_per_round == st_want.accepted_per_round and st.rounds == st_want.rounds
+    assert 1 in st.accepted_per_round and k + 1 in st.accepted_per_round
+
+
+def test_one_call_rounds_refuse_nonfinite_verify_logits(make_tiny):
+    """A draft whose embedding is NaN: the round's verify logits are NaN (the draft's own, and,
+    through attention's 0 * NaN over its cache slot, its neighbour's), and both loops refuse
+    them naming the same position (the prefill and the draft's logits are finite)."""
+    from test_generate import _markov_model
+
+    m, f, g = _markov_model(make_tiny, mtp_noise=0.0)
+    prompt = [5]
+    first = f[prompt[0]]
+    d1 = g[first]
+    assert d1 not in (prompt[0], first)
+    with torch.no_grad():
+        m.model.embed_tokens.weight[d1] = float("nan")
+    fused = TorchBackend(m, m.spec)
+    messages = []
+    for backend in (fused, _ThreeCalls(fused)):
+        with pytest.raises(GlmcError, match=r"trunk logits at position \d hold NaN or Inf") as e:
+            generate(backend, prompt, 8, draft_tokens=1)  # no chained draft reads d1
+        messages.append(str(e.value))
+    assert messages[0] == messages[1]
+    # The refusal dropped the poisoned caches: a prompt whose tokens stay finite decodes.
+    with torch.no_grad():
+        m.model.embed_tokens.weight[d1] = 0.0
+    assert generate(fused, prompt, 8)[0] == generate(TorchBackend(m, m.spec), prompt, 8)[0]
 
 
 def test_sampled_batch_is_seeded(reference):
