@@ -90,6 +90,37 @@ def test_batched_speculation_accepts_per_row(make_tiny):
     assert 1 in stats.accepted_per_round and 4 in stats.accepted_per_round
 
 
+def test_catch_up_at_one_position_equals_the_full_catch_up(make_tiny):
+    """The round's MTP catch-up writes k, v at every position but runs attention's output,
+    the MoE and the norm only at each row's index `at`: the same hidden state there, and the
+    same cache, as the layer run at every position."""
+    from glmc.export.torch.model import static_attention_mask
+
+    m = make_tiny()
+    g = torch.Generator().manual_seed(2)
+    hidden = m.model.norm.weight.shape[0]
+    ids = torch.randint(0, 512, (3, 4), generator=g)
+    h = torch.randn(3, 4, hidden, generator=g)
+    pos = torch.tensor([[5, 6, 7, 8], [0, 1, 2, 3], [9, 10, 11, 12]])
+    at = torch.tensor([2, 0, 3])
+    mtp = m.model.mtp[0]
+    with torch.no_grad():
+        outs = []
+        for where in (None, at):
+            cache = m.static_cache(3, 16, mtp=True)[0]
+            for kv in cache:
+                kv.copy_(torch.randn(kv.shape, generator=torch.Generator().manual_seed(7)))
+            mask = static_attention_mask(pos, 16)
+            emb = m.model.embed_tokens(ids)
+            z = mtp.forward_mtp_static(emb, h, m.model.rope(pos), cache, pos, mask, where)
+            outs.append((z, cache))
+    (full, full_cache), (part, part_cache) = outs
+    assert part.shape == (3, 1, hidden)
+    torch.testing.assert_close(part[:, 0], full[torch.arange(3), at])
+    for a, b in zip(full_cache, part_cache, strict=True):
+        assert torch.equal(a, b)
+
+
 class _ThreeCalls:
     """A torch backend's steps without `greedy_round`: greedy speculation then runs the
     three-call loop (verify, catch-up, chained drafts), as it does on the exported graphs."""
