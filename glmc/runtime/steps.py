@@ -7,10 +7,13 @@ different numbers of accepted drafts) while every tensor keeps its shape from st
 Stale entries (padding of a shorter prompt, rejected drafts, a padded MTP catch-up) sit at
 slots past a row's committed tokens, where no query looks before the row's next step writes
 them again: steps run in position order and each writes its own slots before attending.
+(A masked slot still enters attention as 0 x its value, so a NaN or Inf left there would
+spread: after a refusal of non-finite logits the loop drops the backend's kept steps.)
 
-- `TorchSteps`: the torch module's `forward_static` / `mtp_static`; the fixed-shape decode,
-  verify and MTP steps optionally `torch.compile(fullgraph=True)`d ("reduce-overhead", i.e.
-  CUDA graphs, on CUDA). Prefill (one variable-length call) stays eager.
+- `TorchSteps`: the torch module's `forward_static` / `mtp_static`, and `greedy_round` (a
+  whole greedy speculation round, `greedy_round_static`); the fixed-shape decode, verify, MTP
+  and round steps optionally `torch.compile(fullgraph=True)`d ("reduce-overhead", i.e. CUDA
+  graphs, on CUDA). Prefill (one variable-length call) stays eager.
 - `FunctionalSteps`: exported graphs that take a cache and return it grown (AOTInductor and
   ONNX folders built before their static-cache graphs existed). The static cache lives here;
   each step hands the graph the slots before the batch's furthest start, masked per row, and
