@@ -121,6 +121,24 @@ class StaticMTPStep(nn.Module):
         return logits, z, k, v
 
 
+class StaticVerifyStep(nn.Module):
+    """(input_ids, position_ids, *cache, mtp_key, mtp_value) -> (best, accepted, trunk_ok,
+    draft, draft_ok, mtp_hidden, *cache_out, mtp_key_out, mtp_value_out): the greedy round's
+    first part (`greedy_verify_static`: verify, acceptance, MTP catch-up, first draft) for any
+    number of drafts, so one graph replaces a verify and a catch-up call; the chained drafts
+    run on `StaticMTPStep`."""
+
+    def __init__(self, model: GLMForCausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, *caches: Tensor) -> tuple[Tensor, ...]:
+        out = [t.clone() for t in caches]
+        pairs = [(out[i], out[i + 1]) for i in range(0, len(out) - 2, 2)]
+        verified = self.model.greedy_verify_static(input_ids, position_ids, pairs, (out[-2], out[-1]))
+        return (*verified, *out)
+
+
 def example_inputs(
     model: GLMForCausalLM, batch: int, seq: int, past: int, mtp: bool = False
 ) -> tuple[Tensor, ...]:
@@ -145,16 +163,17 @@ STATIC_CACHE_SLACK = 128
 
 
 def static_trace_args(
-    model: GLMForCausalLM, max_len: int, mtp: bool
+    model: GLMForCausalLM, max_len: int, mtp: bool, verify: bool = False
 ) -> tuple[tuple[Tensor, ...], tuple[object, ...]]:
-    """(example inputs, dynamic shapes) for tracing `StaticDecoderStep` (or `StaticMTPStep`):
-    batch 2, 3 new tokens at positions 2..4 of a 7-slot cache, every size > 1 and distinct so
-    the trace specialises on none; batch, new tokens and cache slots dynamic."""
+    """(example inputs, dynamic shapes) for tracing `StaticDecoderStep` (or `StaticMTPStep`,
+    or with `verify` `StaticVerifyStep`): batch 2, 3 new tokens at positions 2..4 of a 7-slot
+    cache, every size > 1 and distinct so the trace specialises on none; batch, new tokens
+    and cache slots dynamic (a verify step has at least 2 tokens: the last one and a draft)."""
     from torch.export import Dim
 
     batch, seq, slots = 2, 3, 7
     b = Dim("batch", min=1, max=1024)
-    s = Dim("sequence", min=1, max=max_len)
+    s = Dim("sequence", min=2 if verify else 1, max=max_len)
     t = Dim("cache_sequence", min=2, max=max_len + STATIC_CACHE_SLACK)
     ids, *rest = example_inputs(model, batch, seq, slots, mtp=mtp)
     pos = (torch.arange(seq) + 2).expand(batch, seq).contiguous()
@@ -162,4 +181,6 @@ def static_trace_args(
         h, _mask, _pos, *kv = rest
         return (ids, h, pos, *kv), ({0: b, 1: s}, {0: b, 1: s}, {0: b, 1: s}, {0: b, 2: t}, {0: b, 2: t})
     _mask, _pos, *kv = rest
+    if verify:
+        kv += list(example_inputs(model, batch, seq, slots, mtp=True)[-2:])
     return (ids, pos, *kv), ({0: b, 1: s}, {0: b, 1: s}, tuple({0: b, 2: t} for _ in kv))

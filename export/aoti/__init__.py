@@ -6,6 +6,12 @@ Calling convention (flat tensors; see `glmc.export.steps`, `StaticDecoderStep` /
 - `decoder_static.pt2`: (input_ids, position_ids, *cache) -> (logits, hidden_states, *cache_out)
 - `mtp_static.pt2`:     (input_ids, hidden_states, position_ids, cache_key, cache_value)
                         -> (logits, hidden_states_out, cache_out_key, cache_out_value)
+- `verify_static.pt2`:  (input_ids, position_ids, *cache, mtp_key, mtp_value)
+                        -> (best, accepted, trunk_ok, draft, draft_ok, mtp_hidden_states,
+                            *cache_out, mtp_key_out, mtp_value_out)
+  (with MTP) a greedy speculation round's verify, acceptance, MTP catch-up and first draft
+  in one call, for any number of drafts (`GLMForCausalLM.greedy_verify_static`); the
+  runtime chains the further drafts on `mtp_static.pt2`.
 
 ids and positions [B, S] int64 (positions per row); cache k, v [B, nkv, T, d] per layer
 (key, value, layer by layer), slot t = position t of each row; a query attends over its own
@@ -29,12 +35,16 @@ import torch
 
 from glmc.ir import GlmcError
 
-from ..steps import StaticDecoderStep, StaticMTPStep, static_trace_args
+from ..steps import StaticDecoderStep, StaticMTPStep, StaticVerifyStep, static_trace_args
 from ..torch.model import GLMForCausalLM
 from ..torch.moe_static import static_moe
 
 # glmc_runtime.json file keys -> package names (the ONNX target's static graphs use the same keys).
-PACKAGES = {"decoder_static": "decoder_static.pt2", "mtp_static": "mtp_static.pt2"}
+PACKAGES = {
+    "decoder_static": "decoder_static.pt2",
+    "mtp_static": "mtp_static.pt2",
+    "verify_static": "verify_static.pt2",
+}
 
 # The wrapper only sequences kernel calls; -O0 on it cuts the C++ compile by about a third
 # on 2 cores and costs nothing measurable at runtime (the kernels keep inductor's flags).
@@ -73,4 +83,10 @@ def export_aoti(model: GLMForCausalLM, out: Path, max_len: int, mtp: bool) -> di
                 out / PACKAGES["mtp_static"],
             )
             written["mtp_static"] = PACKAGES["mtp_static"]
+            _compile(
+                StaticVerifyStep(model),
+                *static_trace_args(model, max_len, mtp=False, verify=True),
+                out / PACKAGES["verify_static"],
+            )
+            written["verify_static"] = PACKAGES["verify_static"]
     return written

@@ -615,51 +615,70 @@ class GLMForCausalLM(nn.Module):
         self, next_ids: Tensor, h: Tensor, positions: Tensor, cache: KV, layer: int = 0
     ) -> tuple[Tensor, Tensor]:
         """`mtp_cached` over a static MTP cache: (draft logits, MTP hidden state)."""
+        z = self._mtp_hidden(next_ids, h, positions, cache, layer)
+        return self.head(z), z
+
+    def _mtp_hidden(
+        self,
+        next_ids: Tensor,
+        h: Tensor,
+        positions: Tensor,
+        cache: KV,
+        layer: int = 0,
+        at: Tensor | None = None,
+    ) -> Tensor:
+        """The MTP layer's normed hidden state over a static cache (`at`: see forward_static)."""
         mtp = cast(MTPLayer, self.model.mtp[layer])
         mask = static_attention_mask(positions, cache[0].shape[2])
         rope = self.model.rope(positions)
-        z = mtp.forward_mtp_static(self.model.embed_tokens(next_ids), h, rope, cache, positions, mask)
-        return self.head(z), z
+        return mtp.forward_mtp_static(self.model.embed_tokens(next_ids), h, rope, cache, positions, mask, at)
 
-    def greedy_round_static(
-        self, ids: Tensor, positions: Tensor, cache: list[KV], mtp_cache: KV, draft_tokens: int
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """One greedy MTP speculation round in one call (so it compiles, or exports, as one
-        graph): verify, acceptance, MTP catch-up and the next round's chained drafts.
+    def greedy_verify_static(
+        self, ids: Tensor, positions: Tensor, cache: list[KV], mtp_cache: KV
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The first part of a greedy MTP speculation round, for any number of drafts K:
+        verify, acceptance, MTP catch-up and the next round's first draft.
 
         `ids` [B, K+1] = each row's last committed token, then its K drafts; `positions`
         [B, K+1] their positions (n-1 .. n-1+K for a row of n committed tokens). Returns
         - `best` [B, K+1]: the trunk's argmax after each position; the row commits
           best[:, :accepted+1] (the accepted drafts equal best's first `accepted` entries);
         - `accepted` [B]: drafts accepted (the longest prefix with ids[:, i+1] == best[:, i]);
-        - `drafts` [B, K]: the next round's drafts, from the MTP layer at the row's last
-          committed position and K-1 chained MTP steps;
-        - `trunk_ok` [B, K+1], `draft_ok` [B, K]: whether those logits are all finite (the
-          caller refuses to pick tokens from NaN/Inf).
+        - `trunk_ok` [B, K+1]: whether those logits are all finite (the caller refuses to
+          pick tokens from NaN/Inf);
+        - `draft` [B] and `draft_ok` [B]: the next round's first draft, from the MTP layer at
+          the row's last committed position, and whether its logits are finite;
+        - `z` [B, 1, H]: the MTP hidden state there, which the chained drafts start from.
         The catch-up runs the MTP layer over all K+1 positions with next tokens `best`: the
         entries past a row's accepted ones read rejected tokens and sit past its committed
-        tokens, where the next round overwrites them before any query sees them."""
+        tokens, where the next round overwrites them before any query sees them. Only each
+        row's last committed position goes on past the MTP cache write (attention's output,
+        the MoE, the head)."""
         logits, h = self.forward_static(ids, positions, cache)
         best = logits.argmax(-1)
         trunk_ok = logits.isfinite().all(-1)
-        accepted = (ids[:, 1:] == best[:, :-1]).long().cumprod(-1).sum(-1)
-        mtp = cast(MTPLayer, self.model.mtp[0])
+        # Drafts matching the trunk's choice before them, counted up to the first miss; spelled
+        # without [:, 1:] slices, whose length S-1 an export would assume is never 1 (K >= 2).
+        s = torch.arange(ids.shape[1], device=ids.device)
+        after = ids.gather(1, (s + 1).clamp(max=ids.shape[1] - 1).expand_as(ids))  # ids shifted left
+        match = (after == best) & (s < ids.shape[1] - 1)
+        accepted = match.long().cumprod(-1).sum(-1)
+        z = self._mtp_hidden(best, h, positions, mtp_cache, at=accepted)
+        lg = self.head(z[:, 0])
+        return best, accepted, trunk_ok, lg.argmax(-1), lg.isfinite().all(-1), z
 
-        def mtp_step(next_ids: Tensor, h: Tensor, pos: Tensor, at: Tensor | None = None) -> Tensor:
-            mask = static_attention_mask(pos, mtp_cache[0].shape[2])
-            emb = self.model.embed_tokens(next_ids)
-            return mtp.forward_mtp_static(emb, h, self.model.rope(pos), mtp_cache, pos, mask, at)
-
-        # The catch-up writes the MTP cache at every position; only each row's last committed
-        # position (index `accepted`) goes on through attention's output, the MoE and the head.
-        z = mtp_step(best, h, positions, accepted)
-        at = positions[:, :1] + accepted[:, None]
-        drafts: list[Tensor] = []
-        draft_ok: list[Tensor] = []
-        for j in range(draft_tokens):
-            if j > 0:
-                z = mtp_step(drafts[-1][:, None], z, at + j)
-            lg = self.head(z[:, 0])  # the head at one position per row, not K+1
+    def greedy_round_static(
+        self, ids: Tensor, positions: Tensor, cache: list[KV], mtp_cache: KV, draft_tokens: int
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One greedy MTP speculation round in one call (so it compiles as one graph):
+        `greedy_verify_static`, then K-1 chained MTP steps from its first draft. Returns
+        (best [B, K+1], accepted [B], drafts [B, K], trunk_ok [B, K+1], draft_ok [B, K])."""
+        best, accepted, trunk_ok, draft, ok, z = self.greedy_verify_static(ids, positions, cache, mtp_cache)
+        drafts, draft_ok = [draft], [ok]
+        at = positions[:, :1] + accepted[:, None]  # each row's last committed position
+        for j in range(1, draft_tokens):
+            z = self._mtp_hidden(drafts[-1][:, None], z, at + j, mtp_cache)
+            lg = self.head(z[:, 0])
             drafts.append(lg.argmax(-1))
             draft_ok.append(lg.isfinite().all(-1))
         return best, accepted, torch.stack(drafts, 1), trunk_ok, torch.stack(draft_ok, 1)

@@ -1,8 +1,9 @@
 """AOTInductor packages as a decoding backend.
 
-Static-cache packages (`decoder_static.pt2`, `mtp_static.pt2`, see glmc.export.aoti): one trunk
-package for prefill, decode and speculative verify, one for the MTP draft and catch-up steps,
-any batch. `AotiStaticSteps` hands each call the cache and keeps the returned `cache_out`
+Static-cache packages (`decoder_static.pt2`, `mtp_static.pt2`, `verify_static.pt2`, see
+glmc.export.aoti): one trunk package for prefill, decode and speculative verify, one for the
+MTP draft and catch-up steps, any batch; greedy speculation runs each round's verify,
+acceptance, catch-up and first draft on `verify_static.pt2` (folders without it: three calls). `AotiStaticSteps` hands each call the cache and keeps the returned `cache_out`
 tensors as the next step's cache: nothing is sliced, masked, copied back or scattered on the
 host.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from glmc.errors import CheckpointError
@@ -45,6 +47,8 @@ class AotiBackend(GraphBackend):
         self._decode: Any = None if self.static else load("decode")
         mtp_key = "mtp_static" if self.static else "mtp"
         self._mtp: Any = load(mtp_key) if mtp_key in files else None
+        # Folders written before it existed run greedy speculation as three calls a round.
+        self._verify: Any = load("verify_static") if self.static and "verify_static" in files else None
         # The earlier packages were compiled for batch 1; the static ones take any batch.
         self.max_batch: int | None = None if self.static else 1
 
@@ -81,6 +85,9 @@ class AotiStaticSteps:
         spec = backend.spec
         self.cache: list[Tensor] = static_kv(spec, batch, length, spec.num_layers)
         self.mtp_cache = static_kv(spec, batch, length, 1) if backend._mtp is not None else None
+        if backend._verify is not None and self.mtp_cache is not None:
+            # The loop runs greedy speculation on `greedy_round` where the steps have one.
+            self.greedy_round = self._greedy_round
 
     def trunk(self, ids: Tensor, positions: Tensor, prefill: bool = False) -> tuple[Tensor, Tensor]:
         logits, h, *self.cache = self.backend._trunk(ids.contiguous(), positions.contiguous(), *self.cache)
@@ -92,6 +99,22 @@ class AotiStaticSteps:
             ids.contiguous(), h.float().contiguous(), positions.contiguous(), *self.mtp_cache
         )
         return logits, z
+
+    def _greedy_round(self, ids: Tensor, positions: Tensor, draft_tokens: int) -> tuple[Tensor, ...]:
+        """A greedy speculation round: verify_static.pt2 (verify, acceptance, catch-up, first
+        draft), then the K-1 chained drafts on mtp_static.pt2 (the torch backend's
+        `greedy_round_static` in 1 + K-1 calls instead of one graph)."""
+        assert self.mtp_cache is not None
+        out = self.backend._verify(ids.contiguous(), positions.contiguous(), *self.cache, *self.mtp_cache)
+        best, accepted, trunk_ok, draft, ok, z, *caches = out
+        self.cache, self.mtp_cache = caches[:-2], caches[-2:]
+        drafts, draft_ok = [draft], [ok]
+        at = positions[:, :1] + accepted[:, None]  # each row's last committed position
+        for j in range(1, draft_tokens):
+            logits, z = self.mtp(drafts[-1][:, None], z, at + j)
+            drafts.append(logits[:, 0].argmax(-1))
+            draft_ok.append(logits[:, 0].isfinite().all(-1))
+        return best, accepted, torch.stack(drafts, 1), trunk_ok, torch.stack(draft_ok, 1)
 
     def warm_up(self, draft_tokens: int, greedy: bool = False) -> float:
         return 0.0  # nothing compiles at run time: the packages were built ahead of time

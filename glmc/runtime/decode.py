@@ -18,8 +18,9 @@ h_t and token t+1). Right after the prefill one MTP call covers the whole prompt
 3. verify: one trunk forward over [seq[-1], d1..dK]; keep the longest accepted prefix plus
    the trunk's own next token (cut to the row's budget); entries of rejected drafts stay in
    the cache past the row's tokens until the next verify overwrites them.
-Greedy speculation on steps that have `greedy_round` (the torch backend) runs 3 and 1-2 as
-one call a round: verify, acceptance by exact match, catch-up over the K+1 verify positions
+Greedy speculation on steps that have `greedy_round` (the torch backend; aoti folders with
+`verify_static.pt2` chain the drafts after it in separate calls) runs 3 and 1-2 as one call a
+round: verify, acceptance by exact match, catch-up over the K+1 verify positions
 with the trunk's own argmax tokens as next tokens (the entries past the accepted ones are
 overwritten next round before any query sees them), and the next round's chained drafts.
 Greedy acceptance is exact match, so greedy output equals plain greedy decoding. Sampling
@@ -218,7 +219,7 @@ class _Loop:
         pos = torch.arange(width).expand(self.b, width).contiguous()
         lg, z = self.steps.mtp(_ids([_pad(q[1:], width) for q in self.seq]), h, pos, prefill=True)
         last = [len(p) - 1 for p in self.prompts]  # index of the catch-up's last real position
-        greedy_rounds = s.greedy and hasattr(self.steps, "greedy_round")
+        greedy_rounds = s.greedy and callable(getattr(self.steps, "greedy_round", None))
         rounds = cast(GreedyRounds, self.steps) if greedy_rounds else None
         while True:
             active = [r for r in range(self.b) if not self.done(r)]
