@@ -3,7 +3,8 @@
 Static-cache packages (`decoder_static.pt2`, `mtp_static.pt2`, `verify_static.pt2`, see
 glmc.export.aoti): one trunk package for prefill, decode and speculative verify, one for the
 MTP draft and catch-up steps, any batch; greedy speculation runs each round's verify,
-acceptance, catch-up and first draft on `verify_static.pt2` (folders without it: three calls). `AotiStaticSteps` hands each call the cache and keeps the returned `cache_out`
+acceptance, catch-up and first draft on `verify_static.pt2` (folders without it: three
+calls). `AotiStaticSteps` hands each call the cache and keeps the returned `cache_out`
 tensors as the next step's cache: nothing is sliced, masked, copied back or scattered on the
 host.
 

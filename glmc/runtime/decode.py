@@ -228,9 +228,7 @@ class _Loop:
             drafts, qs = self._draft(lg, z, last, active)
             if rounds is not None:
                 return self._greedy_rounds(rounds, drafts)
-            ids = _ids([[q[-1], *d] for q, d in zip(self.seq, drafts, strict=True)])
-            pos = _ids([list(range(len(q) - 1, len(q) + k)) for q in self.seq])
-            logits, hv = self.steps.trunk(ids, pos)
+            logits, hv = self.steps.trunk(*self._verify_inputs(drafts))
             pending = [1] * self.b
             for r in active:
                 n = len(self.seq[r])
@@ -250,6 +248,12 @@ class _Loop:
             pos = _ids([list(range(m, m + k + 1)) for m in start])
             lg, z = self.steps.mtp(ids, hv, pos)
             last = [c - 1 for c in pending]
+
+    def _verify_inputs(self, drafts: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """Each row's [last committed token, d1..dK] and their positions n-1 .. n-1+K."""
+        ids = _ids([[q[-1], *d] for q, d in zip(self.seq, drafts, strict=True)])
+        pos = _ids([list(range(len(q) - 1, len(q) + self.k)) for q in self.seq])
+        return ids, pos
 
     def _draft(
         self, lg: Tensor, z: Tensor, last: list[int], active: list[int]
@@ -289,8 +293,7 @@ class _Loop:
             active = [r for r in range(self.b) if not self.done(r)]
             if not active:
                 return
-            ids = _ids([[q[-1], *d] for q, d in zip(self.seq, drafts, strict=True)])
-            pos = _ids([list(range(len(q) - 1, len(q) + k)) for q in self.seq])
+            ids, pos = self._verify_inputs(drafts)
             best_t, accepted_t, drafts_t, trunk_ok, draft_ok = rounds.greedy_round(ids, pos, k)
             best, accepted, drafts = best_t.tolist(), accepted_t.tolist(), drafts_t.tolist()
             finite = bool(trunk_ok.all())  # the common case in one op
