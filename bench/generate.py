@@ -20,6 +20,8 @@ Columns: decode tokens/s (tokens after each row's first, per second of decoding;
 fastest (part 1), to plain decoding on the same backend (part 2), and to the bandwidth floor:
 the bytes one decode step must read (active weights: dense parts, the routed experts the
 batch's tokens can reach, the output head; fp32) over the memory bandwidth measured here.
+Part 2 also gives prefill ms: the trunk's pass over the prompts and, when speculating, the MTP
+layer's pass over them (prompt work, so not in decode tokens/s; glmc.runtime.Stats).
 Greedy ids are checked equal across every row of a part.
 
     python bench/generate.py [--threads 1] [--new-tokens 64] [--steps 300] [--skip aoti]
@@ -35,6 +37,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -143,15 +146,16 @@ class Side:
 class GlmcSide(Side):
     def __init__(self, backend: Backend, prompts: list[list[int]], new: int, k: int) -> None:
         self.backend, self.prompts, self.new, self.k = backend, prompts, new, k
+        self.prefill_s: list[float] = []  # of each timed pass (speculating: the MTP layer's pass too)
 
     def warm(self) -> tuple[float, float, list[list[int]]]:
         outs, st = generate_batch(self.backend, self.prompts, self.new, draft_tokens=self.k)
         return st.compile_s, st.mean_acceptance_length, outs
 
     def once(self) -> float:
-        return generate_batch(self.backend, self.prompts, self.new, draft_tokens=self.k)[
-            1
-        ].decode_tokens_per_s
+        st = generate_batch(self.backend, self.prompts, self.new, draft_tokens=self.k)[1]
+        self.prefill_s.append(st.prefill_s)
+        return st.decode_tokens_per_s
 
 
 class HfSide(Side):
@@ -197,7 +201,9 @@ class HfSide(Side):
         return (self.new - 1) * self.ids.shape[0] / max(t_n - t_1, 1e-9)
 
 
-def measure(sides: dict[str, Side], repeats: int) -> dict[str, tuple[float, float, float, list[list[int]]]]:
+def measure(
+    sides: Mapping[str, Side], repeats: int
+) -> dict[str, tuple[float, float, float, list[list[int]]]]:
     """{name: (median decode tokens/s, compile s, acceptance, outputs)}, rows interleaved."""
     warm = {}
     for name, side in sides.items():
@@ -403,19 +409,24 @@ def part2(args: argparse.Namespace, device: torch.device, skip: set[str], bw: fl
             lines = []
             for side in sides:
                 backend = open_backend(model, side, Path(tmp), args.threads)
-                runs: dict[str, Side] = {
+                glmc_runs: dict[str, GlmcSide] = {
                     f"{side} K={k}": GlmcSide(backend, prompts, args.new_tokens, k) for k in drafts
                 }
-                done = measure(runs, args.repeats)
+                done = measure(glmc_runs, args.repeats)
                 base = done[f"{side} K=0"][0]
                 for k in drafts:
                     rate, compile_s, acc, outs = done[f"{side} K={k}"]
+                    prefill_ms = statistics.median(glmc_runs[f"{side} K={k}"].prefill_s) * 1e3
                     want = outs if want is None else want
                     label = "plain" if k == 0 else f"MTP K={k} (acc. {acc:.2f})"
                     lines.append(f"| glmc {side} | {b} | {label} | {rate:.1f} | {rate / base:.2f}x | "
-                                 f"{rate / floor:.2f} | {compile_s:.0f} | {'yes' if outs == want else 'NO'} |")  # fmt: skip
-            print(f"\nbatch {b}: bandwidth floor {floor:.0f} tokens/s (plain decoding)")
-            table_header("plain, same backend")
+                                 f"{rate / floor:.2f} | {prefill_ms:.1f} | {compile_s:.0f} | "
+                                 f"{'yes' if outs == want else 'NO'} |")  # fmt: skip
+            print(f"\nbatch {b}: bandwidth floor {floor:.0f} tokens/s (plain decoding); prefill ms: the "
+                  "trunk's pass over the prompts and, speculating, the MTP layer's (not in tokens/s)")  # fmt: skip
+            print("| side | batch | decoding | decode tokens/s | vs plain, same backend | vs bandwidth floor | "
+                  "prefill ms | compile s | same ids |")  # fmt: skip
+            print("|---|---:|---|---:|---:|---:|---:|---:|---|")
             print("\n".join(lines), flush=True)
 
 

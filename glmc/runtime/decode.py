@@ -10,7 +10,7 @@ Speculation (DeepSeek-V3 / GLM-4.5 MTP, one MTP layer reused for K drafts as Ten
 MTP-Eagle and SGLang do). Invariant per row at the top of a round: `seq` holds every committed
 token (n of them); the trunk cache covers positions 0..n-2; `pending` holds the trunk hidden
 states of the positions the MTP cache does not cover yet (the MTP layer at position t reads
-h_t and token t+1). Right after the prefill one MTP call covers the whole prompt.
+h_t and token t+1). The prefill ends with one MTP call over the whole prompt.
 1. catch up: one MTP call over the pending positions (1..K+1 of them, padded to K+1); the
    logits at the last real one give draft d1;
 2. chain: K-1 more MTP calls, each on the previous MTP hidden state and draft (what they
@@ -50,8 +50,8 @@ MAX_DRAFT_TOKENS = 8
 class Stats:
     prompt_tokens: int = 0
     new_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
+    prefill_s: float = 0.0  # the trunk over the prompts (and, speculating, the MTP layer)
+    decode_s: float = 0.0  # everything after: drafts, verifies, catch-ups, plain steps
     compile_s: float = 0.0  # compiling and warming up the fixed-shape steps (before timing)
     batch: int = 1
     rounds: int = 0  # trunk forwards after prefill
@@ -178,11 +178,16 @@ class _Loop:
         for r, n in enumerate(lens):
             _require_finite(self.backend, logits[r, n - 1 : n], n - 1)
             self.seq[r].append(pick(logits[r, n - 1], self.s, self.gen))
+        active = [r for r in range(self.b) if not self.done(r)]
+        speculate = bool(active and self.k)
+        if speculate:
+            # The MTP layer over the whole prompt (position t reads h_t and token t+1, the last
+            # one the pick above) is prompt work like the trunk's pass: it counts as prefill.
+            lg, z = self.steps.mtp(_ids([_pad(q[1:], width) for q in self.seq]), h, pos, prefill=True)
         st.prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        active = [r for r in range(self.b) if not self.done(r)]
-        if active and self.k:
-            self._speculate(h, width)
+        if speculate:
+            self._speculate(lg, z)
         elif active:
             self._plain()
         st.decode_s = time.perf_counter() - t0
@@ -213,11 +218,9 @@ class _Loop:
                 self.stats.accepted_per_round.append(1)
             self.stats.rounds += 1
 
-    def _speculate(self, h: Tensor, width: int) -> None:
+    def _speculate(self, lg: Tensor, z: Tensor) -> None:
+        """Rounds from the MTP prefill's draft logits `lg` and hidden states `z` [B, width, .]."""
         k, s, gen = self.k, self.s, self.gen
-        # MTP over the whole prompt: position t reads h_t and token t+1 (the last one the pick).
-        pos = torch.arange(width).expand(self.b, width).contiguous()
-        lg, z = self.steps.mtp(_ids([_pad(q[1:], width) for q in self.seq]), h, pos, prefill=True)
         last = [len(p) - 1 for p in self.prompts]  # index of the catch-up's last real position
         greedy_rounds = s.greedy and callable(getattr(self.steps, "greedy_round", None))
         rounds = cast(GreedyRounds, self.steps) if greedy_rounds else None

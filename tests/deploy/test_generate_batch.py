@@ -197,6 +197,32 @@ def test_stats_of_a_batch():
     assert st.mean_acceptance_length == 2.0
 
 
+def test_the_mtp_pass_over_the_prompt_counts_as_prefill(reference, monkeypatch):
+    """Speculation starts with the MTP layer over the whole prompt: prompt work, timed with the
+    trunk's prefill, not in decode tokens/s. A fake clock that only the steps advance: each
+    prefill call costs 1 s, each fixed-shape call 1 ms."""
+    import glmc.runtime.decode as decode
+    from glmc.runtime.steps import TorchSteps
+
+    now = [0.0]
+    monkeypatch.setattr(decode, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def timed(real):
+        def step(self, *args, **kw):
+            now[0] += 1.0 if kw.get("prefill") else 1e-3
+            return real(self, *args, **kw)
+
+        return step
+
+    for name in ("trunk", "mtp", "greedy_round"):
+        monkeypatch.setattr(TorchSteps, name, timed(getattr(TorchSteps, name)))
+    backend = TorchBackend(reference, reference.spec)
+    for k, prefill_calls in ((0, 1), (2, 2)):  # the trunk's pass, then (speculating) the MTP layer's
+        _, st = generate(backend, PROMPTS[0], 12, draft_tokens=k)
+        assert st.prefill_s == pytest.approx(prefill_calls)
+        assert 0 < st.decode_s < 0.1  # only fixed-shape calls: drafts, rounds, plain steps
+
+
 @pytest.mark.slow
 def test_compiled_steps_give_the_eager_ids(reference):
     """torch.compile(fullgraph=True) of the decode, verify and MTP steps: the same greedy ids,
