@@ -29,6 +29,7 @@ from ..steps import (
     MTPStep,
     StaticDecoderStep,
     StaticMTPStep,
+    StaticVerifyStep,
     example_inputs,
     kv_names,
     static_trace_args,
@@ -42,6 +43,8 @@ DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids")
 MTP_INPUTS = ("input_ids", "hidden_states", "attention_mask", "position_ids")
 STATIC_DECODER_INPUTS = ("input_ids", "position_ids")
 STATIC_MTP_INPUTS = ("input_ids", "hidden_states", "position_ids")
+# The greedy round's first part (greedy_verify_static), before the updated caches.
+STATIC_VERIFY_OUTPUTS = ("best", "accepted", "trunk_ok", "draft", "draft_ok", "mtp_hidden_states")
 
 
 @contextlib.contextmanager
@@ -156,3 +159,21 @@ def export_mtp_static(model: GLMForCausalLM, path: Path, max_len: int) -> None:
     outputs = ["logits", "hidden_states_out", *kv_names("cache_out", 1)]
     with onnx_lowering(model):
         _export(StaticMTPStep(model), *static_trace_args(model, max_len, mtp=True), inputs, outputs, path)
+
+
+def export_verify_static(model: GLMForCausalLM, path: Path, max_len: int) -> None:
+    """verify_static.onnx: (input_ids, position_ids, cache.*, mtp_cache.0.*) -> (best, accepted,
+    trunk_ok, draft, draft_ok, mtp_hidden_states, cache_out.*, mtp_cache_out.0.*): a greedy
+    speculation round's verify, acceptance, MTP catch-up and first draft in one graph, for any
+    number of drafts (`GLMForCausalLM.greedy_verify_static`)."""
+    n = len(model.model.layers)
+    inputs = [*STATIC_DECODER_INPUTS, *kv_names("cache", n), *kv_names("mtp_cache", 1)]
+    outputs = [*STATIC_VERIFY_OUTPUTS, *kv_names("cache_out", n), *kv_names("mtp_cache_out", 1)]
+    with onnx_lowering(model):
+        _export(
+            StaticVerifyStep(model),
+            *static_trace_args(model, max_len, mtp=False, verify=True),
+            inputs,
+            outputs,
+            path,
+        )

@@ -1,7 +1,9 @@
 """The `onnx` target: `model.onnx` (+ `mtp.onnx`) with a grown KV cache, which
 `genai_config.json` names for ONNX Runtime GenAI, and beside them `model_static.onnx` (+
-`mtp_static.onnx`), the same steps on a static cache that `glmc generate` binds in place; fp32
-(ONNX Runtime's CPU provider has no bf16 kernels for this graph)."""
+`mtp_static.onnx`, `verify_static.onnx`), the same steps on a static cache that `glmc generate`
+binds in place (verify_static: a greedy speculation round's verify, acceptance, MTP catch-up
+and first draft in one graph); fp32 (ONNX Runtime's CPU provider has no bf16 kernels for this
+graph)."""
 
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ class OnnxTarget(BaseTarget):
         from glmc.export.torch import build_model, passed_state
 
         from . import export_decoder, export_mtp, genai_config
-        from .graphs import export_decoder_static, export_mtp_static
+        from .graphs import export_decoder_static, export_mtp_static, export_verify_static
 
         out.mkdir(parents=True)
         model = build_model(graph, dtype=torch.float32)  # FP8 weights and their scales stay as they are
@@ -43,8 +45,10 @@ class OnnxTarget(BaseTarget):
         export_decoder_static(model, out / files["decoder_static"], context)
         if graph.attrs.num_mtp_layers:
             files["mtp"], files["mtp_static"] = "mtp.onnx", "mtp_static.onnx"
+            files["verify_static"] = "verify_static.onnx"
             export_mtp(model, out / files["mtp"], context)
             export_mtp_static(model, out / files["mtp_static"], context)
+            export_verify_static(model, out / files["verify_static"], context)
         cfg = genai_config(
             model,
             context_length=context,

@@ -657,12 +657,14 @@ class GLMForCausalLM(nn.Module):
         logits, h = self.forward_static(ids, positions, cache)
         best = logits.argmax(-1)
         trunk_ok = logits.isfinite().all(-1)
-        # Drafts matching the trunk's choice before them, counted up to the first miss; spelled
-        # without [:, 1:] slices, whose length S-1 an export would assume is never 1 (K >= 2).
+        # Drafts matching the trunk's choice before them, counted up to the first miss (the
+        # positions before any miss: a cumulative sum of misses still 0, since ONNX has no
+        # CumProd); spelled without [:, 1:] slices, whose length S-1 an export would assume is
+        # never 1 (K >= 2).
         s = torch.arange(ids.shape[1], device=ids.device)
         after = ids.gather(1, (s + 1).clamp(max=ids.shape[1] - 1).expand_as(ids))  # ids shifted left
         match = (after == best) & (s < ids.shape[1] - 1)
-        accepted = match.long().cumprod(-1).sum(-1)
+        accepted = ((~match).long().cumsum(-1) == 0).long().sum(-1)
         z = self._mtp_hidden(best, h, positions, mtp_cache, at=accepted)
         lg = self.head(z[:, 0])
         return best, accepted, trunk_ok, lg.argmax(-1), lg.isfinite().all(-1), z

@@ -2,6 +2,7 @@
 2 cores, mostly the ONNX exports and the two AOTInductor compiles)."""
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,54 @@ def built(tmp_path_factory, tiny_checkpoint) -> Path:
 def reference(tiny_checkpoint):
     """The glmc torch model the artifacts must reproduce."""
     return glmc.from_pretrained(tiny_checkpoint)
+
+
+@dataclass
+class VerifyCase:
+    """A greedy round's verify after a prefill of two 6-token rows (`prompt`, and the MTP layer
+    over it): row 0's two drafts are the trunk's own picks (both accepted), row 1's are not
+    (none accepted), so the rows' MTP catch-ups stop at different positions. `before`: the
+    caches the verify reads, flat (k, v per trunk layer, then the MTP layer's); `want` and
+    `after`: `greedy_verify_static`'s outputs and the caches it left."""
+
+    prompt: torch.Tensor
+    ids: torch.Tensor
+    pos: torch.Tensor
+    before: list[torch.Tensor]
+    want: tuple[torch.Tensor, ...]
+    after: list[torch.Tensor]
+
+    def prefill(self, steps) -> None:
+        """The same prefill through a backend's steps (glmc.runtime.steps.Steps)."""
+        pos = torch.arange(6).expand(2, 6).contiguous()
+        _, h = steps.trunk(self.prompt, pos, prefill=True)
+        steps.mtp(self.prompt.roll(-1, 1), h, pos, prefill=True)
+
+    def check(self, got) -> None:
+        """An exported verify step's outputs (the six of greedy_verify_static, then the caches)."""
+        assert torch.equal(got[1], self.want[1])
+        for i in (0, 2, 3, 4):  # best, trunk_ok, draft, draft_ok
+            assert torch.equal(got[i], self.want[i]), i
+        torch.testing.assert_close(got[5], self.want[5], rtol=1e-4, atol=1e-4)
+        for out, ref in zip(got[6:], self.after, strict=True):
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="session")
+def verify_case(reference) -> VerifyCase:
+    g = torch.Generator().manual_seed(5)
+    cache = reference.static_cache(2, 64)
+    mcache = reference.static_cache(2, 64, mtp=True)[0]
+    with torch.no_grad():
+        prompt = torch.randint(0, 512, (2, 6), generator=g)
+        _, h = reference.forward_static(prompt, torch.arange(6).expand(2, 6), cache)
+        reference.mtp_static(prompt.roll(-1, 1), h, torch.arange(6).expand(2, 6), mcache)
+        ids = torch.randint(0, 512, (2, 3), generator=g)
+        pos = torch.tensor([[5, 6, 7], [5, 6, 7]])
+        for i in (1, 2):  # row 0's drafts become what the trunk picks
+            trial = [(k.clone(), v.clone()) for k, v in cache]
+            ids[0, i] = reference.forward_static(ids, pos, trial)[0][0, i - 1].argmax()
+        before = [t.clone() for kv in cache for t in kv] + [t.clone() for t in mcache]
+        want = reference.greedy_verify_static(ids, pos, cache, mcache)
+    assert want[1].tolist() == [2, 0]
+    return VerifyCase(prompt, ids, pos, before, want, [*(t for kv in cache for t in kv), *mcache])

@@ -75,33 +75,12 @@ def test_static_packages_match_torch_static_steps(built, reference):
         flat, mflat = out[2:], mout[2:]
 
 
-def test_verify_package_matches_greedy_verify_static(built, reference):
-    """verify_static.pt2 against `greedy_verify_static` on torch's static caches: one row
-    whose two drafts the trunk accepts, one whose drafts it rejects (different `accepted`, so
-    different catch-up positions), after a prefill; tokens, counts and flags equal, the MTP
-    hidden state and every cache slot close."""
+def test_verify_package_matches_greedy_verify_static(built, verify_case):
+    """verify_static.pt2 against `greedy_verify_static` on torch's static caches (conftest's
+    VerifyCase: rows accepting 2 and 0 drafts): tokens, counts and flags equal, the MTP hidden
+    state and every cache slot close."""
     verify = _load(built / "aoti" / "verify_static.pt2")
-    g = torch.Generator().manual_seed(5)
-    cache = reference.static_cache(2, 64)
-    mcache = reference.static_cache(2, 64, mtp=True)[0]
-    with torch.no_grad():
-        prompt = torch.randint(0, 512, (2, 6), generator=g)
-        _, h = reference.forward_static(prompt, torch.arange(6).expand(2, 6), cache)
-        reference.mtp_static(prompt.roll(-1, 1), h, torch.arange(6).expand(2, 6), mcache)
-        ids = torch.randint(0, 512, (2, 3), generator=g)
-        pos = torch.tensor([[5, 6, 7], [5, 6, 7]])
-        for i in (1, 2):  # row 0's drafts become what the trunk picks: both accepted
-            trial = [(k.clone(), v.clone()) for k, v in cache]
-            ids[0, i] = reference.forward_static(ids, pos, trial)[0][0, i - 1].argmax()
-        flat = [t.clone() for kv in cache for t in kv] + [t.clone() for t in mcache]
-        want = reference.greedy_verify_static(ids, pos, cache, mcache)
-    got = verify(ids, pos, *flat)
-    assert want[1].tolist() == [2, 0] and torch.equal(got[1], want[1])
-    for i in (0, 2, 3, 4):  # best, trunk_ok, draft, draft_ok
-        assert torch.equal(got[i], want[i]), i
-    torch.testing.assert_close(got[5], want[5], rtol=1e-4, atol=1e-4)
-    for out, ref in zip(got[6:], [*(t for kv in cache for t in kv), *mcache], strict=True):
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    verify_case.check(verify(verify_case.ids, verify_case.pos, *verify_case.before))
 
 
 def test_generate_on_static_packages_gives_the_torch_greedy_ids(built, reference):

@@ -252,6 +252,33 @@ def test_exported_graphs_decode_a_batch(built, reference, target):
         assert stats.batch == 4
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["onnx", "aoti"])
+def test_exported_rounds_equal_the_torch_round(built, reference, verify_case, target):
+    """Two greedy rounds of 2 drafts on the exported steps (verify graph, then the chained draft
+    on the MTP graph) against the torch backend's one-graph round, from the same prefill: in
+    the first, row 0 accepts both drafts and row 1 none (conftest's VerifyCase), so the chained
+    drafts and the second round start at different positions per row."""
+    exported = open_artifact(built / target).backend.steps(2, 64)
+    eager = TorchBackend(reference, reference.spec).steps(2, 64)
+    assert callable(getattr(exported, "greedy_round", None))
+    ids, pos = verify_case.ids, verify_case.pos
+    for steps in (exported, eager):
+        verify_case.prefill(steps)
+    for round_ in range(2):
+        got, want = exported.greedy_round(ids, pos, 2), eager.greedy_round(ids, pos, 2)
+        for g, w in zip(got, want, strict=True):  # best, accepted, drafts, trunk_ok, draft_ok
+            assert torch.equal(g, w), round_
+        best, accepted, drafts = want[:3]
+        if round_ == 0:
+            assert accepted.tolist() == [2, 0]
+        # The next round: each row's last committed token (the trunk's pick after its accepted
+        # drafts) at its position, then its drafts.
+        last = pos[:, 0] + accepted + 1
+        ids = torch.cat((best.gather(1, accepted[:, None]), drafts), 1)
+        pos = last[:, None] + torch.arange(3)
+
+
 def test_prompt_file_gives_one_line_per_prompt(tmp_path, tiny_checkpoint, capsys):
     import glmc
 

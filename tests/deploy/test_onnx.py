@@ -1,7 +1,8 @@
 """The ONNX target in ONNX Runtime: logits, hidden states and presents match glmc's torch model
 for prefill (empty past) and decode steps; the MTP graph matches `mtp_cached`; ONNX Runtime
-GenAI loads the folder and its greedy tokens equal `glmc generate`'s; in the runtime backend
-only the drafter's session stops spinning after a run."""
+GenAI loads the folder and its greedy tokens equal `glmc generate`'s; the static-cache graphs
+(verify_static: a greedy round's first part) match the torch model's static steps; in the
+runtime backend only the drafting sessions stop spinning after a run."""
 
 import json
 
@@ -118,16 +119,17 @@ def _config_entry(sess, key):
 
 
 def test_backend_drafter_stops_spinning_and_the_trunk_keeps_defaults(built):
-    """The MTP session's thread pool stops spinning when a run returns, so during speculation it
-    does not compete for cores with the trunk's verify step; the trunk keeps ONNX Runtime's
-    defaults (plain decoding unchanged). `threads` sizes both pools."""
+    """The MTP sessions' thread pools stop spinning when a run returns, so during speculation
+    they do not compete for cores with the trunk's verify step, nor the verify graph's with the
+    chained drafts it alternates with; the trunk keeps ONNX Runtime's defaults (plain decoding
+    unchanged). `threads` sizes the pools."""
     from glmc.runtime import open_artifact
     from glmc.runtime.backend_onnx import FORCE_SPINNING_STOP, OnnxBackend
 
     backend = open_artifact(built / "onnx").backend
     assert isinstance(backend, OnnxBackend)
-    sessions = (backend._decoder, backend._mtp)
-    assert [_config_entry(s, FORCE_SPINNING_STOP) for s in sessions] == [None, "1"]
+    sessions = (backend._decoder, backend._mtp, backend._static, backend._mtp_static, backend._verify_static)
+    assert [_config_entry(s, FORCE_SPINNING_STOP) for s in sessions] == [None, "1", None, "1", "1"]
     files = {"decoder": "model.onnx", "mtp": "mtp.onnx"}
     one = OnnxBackend(built / "onnx", backend.spec, files, threads=1)
     assert [s.get_session_options().intra_op_num_threads for s in (one._decoder, one._mtp)] == [1, 1]
@@ -144,8 +146,29 @@ def test_static_graph_io_names(built):
         "position_ids",
         *kv_names("cache", 1),
     ]
+    verify = _session(built / "onnx" / "verify_static.onnx")
+    assert [i.name for i in verify.get_inputs()] == [
+        "input_ids",
+        "position_ids",
+        *kv_names("cache", 3),
+        *kv_names("mtp_cache", 1),
+    ]
+    assert [o.name for o in verify.get_outputs()] == [
+        *("best", "accepted", "trunk_ok", "draft", "draft_ok", "mtp_hidden_states"),
+        *kv_names("cache_out", 3),
+        *kv_names("mtp_cache_out", 1),
+    ]
     manifest = json.loads((built / "onnx" / "glmc_runtime.json").read_text())["files"]
     assert manifest["decoder_static"] == "model_static.onnx" and manifest["mtp_static"] == "mtp_static.onnx"
+    assert manifest["verify_static"] == "verify_static.onnx"
+
+
+def test_verify_graph_matches_greedy_verify_static(built, verify_case):
+    """verify_static.onnx against `greedy_verify_static` on torch's static caches (conftest's
+    VerifyCase: rows accepting 2 and 0 drafts): tokens, counts and flags equal, the MTP hidden
+    state and every cache slot close."""
+    sess = _session(built / "onnx" / "verify_static.onnx")
+    verify_case.check(_run(sess, [verify_case.ids, verify_case.pos, *verify_case.before]))
 
 
 def test_static_graphs_match_torch_static_steps(built, reference):
@@ -189,8 +212,13 @@ def test_backend_binds_the_static_graphs_and_keeps_the_grown_cache_ids(built):
 
     static = open_artifact(built / "onnx").backend
     assert isinstance(static, OnnxBackend) and isinstance(static.steps(2, 64), OnnxStaticSteps)
+    assert callable(getattr(static.steps(2, 64), "greedy_round", None))  # on verify_static.onnx
     grown = OnnxBackend(built / "onnx", static.spec, {"decoder": "model.onnx", "mtp": "mtp.onnx"})
     assert not grown.static
+    # A folder written before verify_static.onnx: three calls a round on the static graphs.
+    files = {k: v for k, v in static.files.items() if k != "verify_static"}
+    three_calls = OnnxBackend(built / "onnx", static.spec, files)
+    assert three_calls.static and getattr(three_calls.steps(2, 64), "greedy_round", None) is None
     prompts = [[5, 17, 42, 7, 300, 12, 99], [8], [400, 3, 3, 250]]
     for k in (0, 2):
         want, _ = generate_batch(grown, prompts, 12, draft_tokens=k)
@@ -198,6 +226,7 @@ def test_backend_binds_the_static_graphs_and_keeps_the_grown_cache_ids(built):
         assert got == want, k
         again, _ = generate_batch(static, prompts, 12, draft_tokens=k)  # reused buffers
         assert again == want, k
+        assert generate_batch(three_calls, prompts, 12, draft_tokens=k)[0] == want, k
     ids = torch.tensor([[5, 17, 42], [8, 0, 0]])
     pos = torch.arange(3).expand(2, 3).contiguous()
     a, ha = static.steps(2, 64).trunk(ids, pos, prefill=True)
