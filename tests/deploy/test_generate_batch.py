@@ -277,6 +277,15 @@ def test_exported_rounds_equal_the_torch_round(built, reference, verify_case, ta
         last = pos[:, 0] + accepted + 1
         ids = torch.cat((best.gather(1, accepted[:, None]), drafts), 1)
         pos = last[:, None] + torch.arange(3)
+    # The caches the rounds left (the trunk's and the MTP layer's): one more step of each reads
+    # every slot up to the rows' next positions.
+    h = torch.randn(2, 1, reference.spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    for got, want in zip(
+        (*exported.trunk(ids[:, :1], pos[:, :1]), *exported.mtp(ids[:, 1:2], h, pos[:, :1])),
+        (*eager.trunk(ids[:, :1], pos[:, :1]), *eager.mtp(ids[:, 1:2], h, pos[:, :1])),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_prompt_file_gives_one_line_per_prompt(tmp_path, tiny_checkpoint, capsys):
