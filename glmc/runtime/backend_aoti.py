@@ -17,13 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from glmc.errors import CheckpointError
 from glmc.export import RUNTIME_FILE
 from glmc.runtime.backend import KV, GraphBackend, static_kv
-from glmc.runtime.steps import Steps
+from glmc.runtime.steps import Steps, chain_drafts
 from glmc.spec import ModelSpec
 
 
@@ -109,13 +108,10 @@ class AotiStaticSteps:
         out = self.backend._verify(ids.contiguous(), positions.contiguous(), *self.cache, *self.mtp_cache)
         best, accepted, trunk_ok, draft, ok, z, *caches = out
         self.cache, self.mtp_cache = caches[:-2], caches[-2:]
-        drafts, draft_ok = [draft], [ok]
-        at = positions[:, :1] + accepted[:, None]  # each row's last committed position
-        for j in range(1, draft_tokens):
-            logits, z = self.mtp(drafts[-1][:, None], z, at + j)
-            drafts.append(logits[:, 0].argmax(-1))
-            draft_ok.append(logits[:, 0].isfinite().all(-1))
-        return best, accepted, torch.stack(drafts, 1), trunk_ok, torch.stack(draft_ok, 1)
+        drafts, draft_ok = chain_drafts(
+            self, draft, ok, z, positions[:, :1] + accepted[:, None], draft_tokens
+        )
+        return best, accepted, drafts, trunk_ok, draft_ok
 
     def warm_up(self, draft_tokens: int, greedy: bool = False) -> float:
         return 0.0  # nothing compiles at run time: the packages were built ahead of time

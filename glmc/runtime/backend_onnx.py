@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from glmc.runtime.backend import KV, GraphBackend, static_kv
-from glmc.runtime.steps import Steps
+from glmc.runtime.steps import Steps, chain_drafts
 from glmc.spec import ModelSpec
 
 # ONNX Runtime session config key (onnxruntime_session_options_config_keys.h).
@@ -217,13 +217,10 @@ class OnnxStaticSteps:
         self._parity["trunk"] ^= 1
         self._parity["mtp"] ^= 1
         best, accepted, trunk_ok, draft, ok, z = (t.clone() for t in outs)
-        drafts, draft_ok = [draft], [ok]
-        at = positions[:, :1] + accepted[:, None]  # each row's last committed position
-        for j in range(1, draft_tokens):
-            logits, z = self.mtp(drafts[-1][:, None], z, at + j)
-            drafts.append(logits[:, 0].argmax(-1))
-            draft_ok.append(logits[:, 0].isfinite().all(-1))
-        return best, accepted, torch.stack(drafts, 1), trunk_ok, torch.stack(draft_ok, 1)
+        drafts, draft_ok = chain_drafts(
+            self, draft, ok, z, positions[:, :1] + accepted[:, None], draft_tokens
+        )
+        return best, accepted, drafts, trunk_ok, draft_ok
 
     def warm_up(self, draft_tokens: int, greedy: bool = False) -> float:
         return 0.0  # built ahead of time; ONNX Runtime plans its buffers on the first run

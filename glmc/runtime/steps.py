@@ -61,6 +61,22 @@ class GreedyRounds(Protocol):
         ...
 
 
+def chain_drafts(
+    steps: Steps, first: Tensor, first_ok: Tensor, z: Tensor, at: Tensor, draft_tokens: int
+) -> tuple[Tensor, Tensor]:
+    """Greedy drafts 2..K after an exported verify step's first draft `first` [B] (its logits
+    finite: `first_ok` [B]), each an MTP step on the previous draft and MTP hidden state (`z`
+    [B, 1, H] to start) at `at` + j, `at` [B, 1] being each row's last committed position (the
+    loop in GLMForCausalLM.greedy_round_static, one call a draft). Returns (drafts [B, K],
+    draft_ok [B, K])."""
+    drafts, draft_ok = [first], [first_ok]
+    for j in range(1, draft_tokens):
+        logits, z = steps.mtp(drafts[-1][:, None], z, at + j)
+        drafts.append(logits[:, 0].argmax(-1))
+        draft_ok.append(logits[:, 0].isfinite().all(-1))
+    return torch.stack(drafts, 1), torch.stack(draft_ok, 1)
+
+
 def _scatter(cache: Tensor, new: Tensor, positions: Tensor) -> None:
     """cache [B, nkv, T, d][b, :, positions[b, s]] = new [B, nkv, S, d][b, :, s]."""
     cache.scatter_(2, positions[:, None, :, None].expand_as(new), new)
