@@ -263,11 +263,13 @@ def prompts_for(vocab: int, batch: int, length: int, seed: int) -> list[list[int
     return torch.randint(1, vocab, (batch, length), generator=g).tolist()
 
 
-def table_header(peer: str) -> None:
+def table_header(peer: str, prefill: bool = False) -> None:
+    """The tables' header; `prefill`: with part 2's prefill ms column."""
+    extra, align = (" prefill ms |", "---:|") if prefill else ("", "")
     print(
-        f"| side | batch | decoding | decode tokens/s | vs {peer} | vs bandwidth floor | compile s | same ids |"
+        f"| side | batch | decoding | decode tokens/s | vs {peer} | vs bandwidth floor |{extra} compile s | same ids |"
     )
-    print("|---|---:|---|---:|---:|---:|---:|---|")
+    print(f"|---|---:|---|---:|---:|---:|{align}---:|---|")
 
 
 def main() -> None:
@@ -424,9 +426,7 @@ def part2(args: argparse.Namespace, device: torch.device, skip: set[str], bw: fl
                                  f"{'yes' if outs == want else 'NO'} |")  # fmt: skip
             print(f"\nbatch {b}: bandwidth floor {floor:.0f} tokens/s (plain decoding); prefill ms: the "
                   "trunk's pass over the prompts and, speculating, the MTP layer's (not in tokens/s)")  # fmt: skip
-            print("| side | batch | decoding | decode tokens/s | vs plain, same backend | vs bandwidth floor | "
-                  "prefill ms | compile s | same ids |")  # fmt: skip
-            print("|---|---:|---|---:|---:|---:|---:|---:|---|")
+            table_header("plain, same backend", prefill=True)
             print("\n".join(lines), flush=True)
 
 
